@@ -1,0 +1,77 @@
+"""POST /api/v1/inference/predict."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, File, HTTPException, Query, UploadFile
+
+from rottenbot_inference.api.deps import CurrentUser, ReadyState
+from rottenbot_inference.api.errors import PREDICTION_FAILED, PayloadTooLarge, ServiceUnavailable
+from rottenbot_inference.api.schemas import ClassScoreOut, ErrorOut, PredictionOut
+from rottenbot_inference.inference.batcher import BatcherClosed, DeadlineExceeded, QueueFull
+from rottenbot_inference.inference.images import ImageError, check_declared_type
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1/inference", tags=["inference"])
+
+_EXPECTED = (ImageError, QueueFull, DeadlineExceeded, BatcherClosed, ServiceUnavailable)
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionOut,
+    response_model_exclude_none=True,
+    responses={
+        400: {"model": ErrorOut, "description": "Not a JPEG/PNG, or a corrupt image"},
+        401: {"model": ErrorOut, "description": "Missing, invalid, expired or revoked token"},
+        403: {"model": ErrorOut, "description": "user_uid is not the token's user"},
+        413: {"model": ErrorOut, "description": "Upload or image dimensions over the limit"},
+        500: {"model": ErrorOut, "description": PREDICTION_FAILED},
+        503: {"model": ErrorOut, "description": "Overloaded or not ready; see Retry-After"},
+    },
+    summary="Classify a photo of fruit or vegetables as healthy or rotten",
+)
+async def predict(
+    state: ReadyState,
+    user: CurrentUser,
+    file: Annotated[UploadFile, File(description="JPEG or PNG image")],
+    save_prediction: Annotated[
+        bool, Query(description="Store the prediction and image for retraining")
+    ] = False,
+    user_uid: Annotated[
+        uuid.UUID | None, Query(description="Deprecated: must equal the token's user if sent")
+    ] = None,
+    top_k: Annotated[
+        int | None, Query(ge=1, le=1000, description="Also return the k most probable classes")
+    ] = None,
+) -> PredictionOut:
+    if user_uid is not None and user_uid != user.user_uid:
+        raise HTTPException(status_code=403, detail="user_uid does not match the access token")
+    check_declared_type(file.content_type)
+    limit = state.settings.max_upload_bytes
+    if file.size is not None and file.size > limit:
+        raise PayloadTooLarge(f"The file exceeds the {limit} byte upload limit.")
+    data = await file.read()
+    try:
+        result = await state.service.classify(data, top_k=top_k or 1)
+    except _EXPECTED:
+        raise
+    except Exception:
+        log.exception("prediction failed for user %s", user.user_uid)
+        raise HTTPException(status_code=500, detail=PREDICTION_FAILED) from None
+    best = result.best
+    return PredictionOut(
+        predicted_class=best.index,
+        predicted_class_name=best.name,
+        confidence=best.confidence,
+        model_version=result.model_version,
+        top_k=None
+        if top_k is None
+        else [
+            ClassScoreOut(class_index=s.index, class_name=s.name, confidence=s.confidence)
+            for s in result.ranked
+        ],
+    )

@@ -1,0 +1,32 @@
+"""What the routes share: settings, the inference service, the token verifier, readiness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from fastapi import Request
+
+from rottenbot_inference.auth.tokens import TokenVerifier
+from rottenbot_inference.inference.service import InferenceService
+from rottenbot_inference.settings import Settings
+
+
+class Phase(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    SHUTTING_DOWN = "shutting_down"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    service: InferenceService
+    verifier: TokenVerifier
+    phase: Phase = Phase.LOADING
+    detail: str | None = None
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.rottenbot

@@ -1,0 +1,89 @@
+"""create_app(settings): wiring and lifecycle of one service process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from rottenbot_inference import __version__
+from rottenbot_inference.api import health, model, predict
+from rottenbot_inference.api.errors import install_error_handlers
+from rottenbot_inference.api.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
+from rottenbot_inference.api.state import AppState, Phase
+from rottenbot_inference.auth.tokens import TokenVerifier
+from rottenbot_inference.inference.loader import ModelLoader, source_from_settings
+from rottenbot_inference.inference.service import InferenceService
+from rottenbot_inference.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def load_model(state: AppState) -> None:
+    """Load, warm up and install the configured model; readiness follows."""
+    settings = state.settings
+    try:
+        loader = ModelLoader(settings)
+        bundle = await asyncio.to_thread(loader.load, source_from_settings(settings))
+        await asyncio.to_thread(bundle.warm_up, settings.max_batch_size)
+    except Exception as exc:
+        log.exception("the model could not be loaded")
+        state.phase, state.detail = Phase.FAILED, f"{type(exc).__name__}: {exc}"
+        raise
+    state.service.install(bundle)
+    state.phase, state.detail = Phase.READY, None
+    log.info("ready: model %s version %s", bundle.name, bundle.version)
+
+
+def create_app(
+    settings: Settings | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The ASGI app. `on_fatal` is called if the model cannot be loaded (the CLI exits)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.uses_dev_secret:
+            log.warning("JWT_SECRET is not set: using the development secret; never in production")
+        service = InferenceService(settings)
+        verifier = TokenVerifier(settings.jwt_secret.get_secret_value(), settings.jwt_algorithm)
+        state = AppState(settings=settings, service=service, verifier=verifier)
+        app.state.rottenbot = state
+        service.start()
+        loading = asyncio.create_task(load_model(state))
+        loading.add_done_callback(lambda task: _report(task, on_fatal))
+        try:
+            yield
+        finally:
+            state.phase = Phase.SHUTTING_DOWN
+            loading.cancel()
+            await service.stop()
+
+    app = FastAPI(
+        title="RottenBot inference service",
+        version=__version__,
+        description="Classifies photos of fruit and vegetables as healthy or rotten.",
+        docs_url="/api/v1/docs",
+        redoc_url="/api/v1/redoc",
+        openapi_url="/api/v1/openapi.json",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD
+    )
+    install_error_handlers(app)
+    app.include_router(predict.router)
+    app.include_router(model.router)
+    app.include_router(health.router)
+    return app
+
+
+def _report(task: asyncio.Task[None], on_fatal: Callable[[BaseException], None] | None) -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    if on_fatal is not None:
+        on_fatal(task.exception())  # type: ignore[arg-type]

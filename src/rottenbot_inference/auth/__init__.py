@@ -1,0 +1,1 @@
+"""Authentication: access-token verification and revocation checks."""

@@ -1,0 +1,154 @@
+"""Command line: `rottenbot-inference serve | predict | token`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+import click
+
+from rottenbot_inference.settings import Settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rottenbot-inference")
+def main() -> None:
+    """RottenBot inference service: is this fruit or vegetable healthy or rotten?
+
+    Configuration comes from environment variables (see the README); options override them.
+    """
+
+
+@main.command()
+@click.option("--host", default=None, help="Interface to bind [env HOST, default 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="TCP port [env PORT, default 8000].")
+@click.option("--workers", type=int, default=None, help="Processes, each with its own model.")
+def serve(host: str | None, port: int | None, workers: int | None) -> None:
+    """Run the HTTP API (uvicorn with uvloop and httptools)."""
+    import uvicorn
+
+    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v}
+    settings = Settings(**overrides)
+    _configure_logging(settings.log_level)
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "log_config": None,
+        "access_log": False,
+        "timeout_keep_alive": 30,
+        "timeout_graceful_shutdown": 30,
+        "backlog": 2048,
+        "server_header": False,
+    }
+    if settings.workers > 1:
+        uvicorn.run(
+            "rottenbot_inference.app:create_app",
+            factory=True,
+            workers=settings.workers,
+            **common,
+        )
+        return
+
+    from rottenbot_inference.app import create_app
+
+    failure: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, on_fatal=on_fatal), **common))
+    server.run()
+    if failure:
+        raise click.ClickException(f"the model could not be loaded: {failure[0]}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_path", type=click.Path(exists=True), help="Model path.")
+@click.option("--top-k", type=int, default=1, show_default=True, help="Classes per image.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+def predict(images: tuple[str, ...], model_path: str | None, top_k: int, as_json: bool) -> None:
+    """Classify image files offline, without a server."""
+    from rottenbot_inference.inference.images import ImageError, ImagePreprocessor
+    from rottenbot_inference.inference.loader import ModelLoader, source_from_settings
+    from rottenbot_inference.inference.service import rank
+
+    settings = Settings(**({"model_path": Path(model_path)} if model_path else {}))
+    _configure_logging("warning")
+    bundle = ModelLoader(settings).load(source_from_settings(settings))
+    preprocessor = ImagePreprocessor(
+        bundle.image_size, settings.max_image_pixels, settings.jpeg_dct_scaling
+    )
+    failed = False
+    for name in images:
+        try:
+            prepared = preprocessor.prepare(Path(name).read_bytes())
+        except ImageError as exc:
+            failed = True
+            _emit_error(name, str(exc), as_json)
+            continue
+        probabilities = bundle.predict(prepared.pixels[None])[0]
+        ranked = rank(probabilities, bundle.class_names, top_k)
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "file": name,
+                        "predicted_class": ranked[0].index,
+                        "predicted_class_name": ranked[0].name,
+                        "confidence": ranked[0].confidence,
+                        "model_version": bundle.version,
+                        "top_k": [
+                            {"class": s.index, "class_name": s.name, "confidence": s.confidence}
+                            for s in ranked
+                        ],
+                    }
+                )
+            )
+        else:
+            for position, score in enumerate(ranked):
+                label = name if position == 0 else ""
+                click.echo(f"{label:<40} {score.name:<24} {score.confidence:8.4f}")
+    if failed:
+        sys.exit(1)
+
+
+def _emit_error(name: str, message: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"file": name, "error": message}))
+    else:
+        click.echo(f"{name:<40} error: {message}", err=True)
+
+
+@main.command()
+@click.option("--user", "user_uid", type=click.UUID, default=None, help="User uid (default: new).")
+@click.option("--ttl", type=int, default=3600, show_default=True, help="Lifetime in seconds.")
+@click.option("--refresh", is_flag=True, help="Mint a refresh token (the API refuses those).")
+def token(user_uid: uuid.UUID | None, ttl: int, refresh: bool) -> None:
+    """Mint a development access token signed with JWT_SECRET (as the auth service does)."""
+    from rottenbot_inference.auth.tokens import mint_token
+
+    settings = Settings()
+    click.echo(
+        mint_token(
+            settings.jwt_secret.get_secret_value(),
+            settings.jwt_algorithm,
+            user_uid or uuid.uuid4(),
+            ttl_s=ttl,
+            refresh=refresh,
+        )
+    )

@@ -1,0 +1,1 @@
+"""Model runtime, image pipeline, batching and model loading."""

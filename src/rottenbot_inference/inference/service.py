@@ -1,0 +1,113 @@
+"""The classification use case: bytes in, ranked classes out.
+
+Glues the image pipeline (a thread pool), the batcher (one inference thread) and the current
+model bundle (swappable as one reference). The event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rottenbot_inference.inference.batcher import Batcher, BatchResult
+from rottenbot_inference.inference.bundle import ModelBundle
+from rottenbot_inference.inference.images import ImagePreprocessor, PreparedImage
+from rottenbot_inference.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class ClassScore:
+    index: int
+    name: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The answer for one image, with what produced it and how long each step took."""
+
+    ranked: tuple[ClassScore, ...]  # best first; as many as asked for (at least one)
+    model_name: str
+    model_version: str
+    image: PreparedImage
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best(self) -> ClassScore:
+        return self.ranked[0]
+
+
+def rank(probabilities: np.ndarray, class_names: tuple[str, ...], k: int) -> tuple[ClassScore, ...]:
+    """The k most probable classes, best first (ties broken by lower index)."""
+    k = max(1, min(k, len(class_names)))
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return tuple(
+        ClassScore(int(index), class_names[int(index)], float(probabilities[index]))
+        for index in order
+    )
+
+
+class InferenceService:
+    """Owns the current bundle, the preprocessing pool and the batcher."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._bundle: ModelBundle | None = None
+        self._preprocessor: ImagePreprocessor | None = None
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.effective_preprocess_threads, thread_name_prefix="preprocess"
+        )
+        self.batcher = Batcher(
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000,
+            capacity=settings.queue_capacity,
+        )
+
+    @property
+    def bundle(self) -> ModelBundle | None:
+        return self._bundle
+
+    def install(self, bundle: ModelBundle) -> None:
+        """Make `bundle` the model for new requests (queued ones finish on theirs)."""
+        self._preprocessor = ImagePreprocessor(
+            bundle.image_size,
+            max_pixels=self.settings.max_image_pixels,
+            dct_scaling=self.settings.jpeg_dct_scaling,
+        )
+        self._bundle = bundle
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def classify(self, data: bytes, top_k: int = 1) -> Classification:
+        """Preprocess in the pool, infer through the batcher; raises ImageError for bad input."""
+        bundle, preprocessor = self._bundle, self._preprocessor
+        if bundle is None or preprocessor is None:
+            raise RuntimeError("no model is loaded yet")
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(self._pool, preprocessor.prepare, data)
+        decoded = time.perf_counter()
+        result: BatchResult = await self.batcher.predict(
+            image.pixels, bundle, timeout_s=self.settings.request_timeout_s
+        )
+        return Classification(
+            ranked=rank(result.probabilities, bundle.class_names, top_k),
+            model_name=bundle.name,
+            model_version=bundle.version,
+            image=image,
+            timings_ms={
+                "preprocess": (decoded - started) * 1000,
+                "queue": result.queue_ms,
+                "compute": result.compute_ms,
+                "batch_size": result.batch_size,
+            },
+        )

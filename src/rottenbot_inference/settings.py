@@ -1,0 +1,103 @@
+"""Service configuration, read from environment variables (and an optional `.env` file).
+
+The names of the original deployment (`DATABASE_URL`, `REDIS_HOST`, `JWT_SECRET`, `USE_LOCAL`,
+`MODEL_URI`, ...) keep working; every setting has an embedded default so that the service starts
+with nothing configured.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rottenbot_inference.resources import cpu_quota
+
+BUNDLED_MODEL_DIR = Path(__file__).parent / "models" / "demo"
+DEV_JWT_SECRET = "rottenbot-development-secret-not-for-production"
+
+
+class Settings(BaseSettings):
+    """All configuration of one service process."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    # --- model source -------------------------------------------------------------------
+    use_local: bool = Field(True, description="true: model from MODEL_PATH; false: MODEL_URI")
+    model_path: Path = Field(
+        BUNDLED_MODEL_DIR,
+        description="Local model: a .keras file, an .onnx file or an MLflow model directory",
+    )
+    classes_path: Path | None = Field(
+        None, description="index_to_class.json; default: found beside the model"
+    )
+    model_uri: str | None = Field(None, description="MLflow model URI (USE_LOCAL=false)")
+    mlflow_tracking_uri: str | None = None
+    run_id: str | None = Field(None, description="MLflow run holding index_to_class.json")
+    model_runtime: Literal["auto", "onnxruntime", "keras"] = Field(
+        "auto", description="auto: ONNX Runtime, Keras only if conversion fails"
+    )
+    verify_tolerance: float = Field(
+        1e-4, description="Max abs softmax difference allowed between Keras and ONNX"
+    )
+    data_dir: Path = Field(Path("data"), description="Writable folder for caches and spools")
+    model_cache_dir: Path | None = Field(None, description="Default: DATA_DIR/model-cache")
+
+    # --- runtime and batching -----------------------------------------------------------
+    inference_threads: int | None = Field(
+        None, description="ONNX Runtime intra-op threads; default: the CPU quota"
+    )
+    preprocess_threads: int | None = Field(
+        None, description="Image decode threads; default: the CPU quota"
+    )
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="How long a batch waits for more requests"
+    )
+    queue_capacity: int = Field(64, ge=1, description="Queued images beyond which requests get 503")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="A request still queued after this is dropped with 503"
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 responses")
+
+    # --- input limits -------------------------------------------------------------------
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Larger uploads get 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images get 413")
+    jpeg_dct_scaling: bool = Field(
+        True, description="Let libjpeg-turbo decode large JPEGs at a reduced scale (faster)"
+    )
+
+    # --- auth ---------------------------------------------------------------------------
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+    jwt_algorithm: str = "HS256"
+
+    # --- HTTP server --------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(1, ge=1)
+    log_level: str = "info"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where converted models are cached."""
+        return self.model_cache_dir or self.data_dir / "model-cache"
+
+    @cached_property
+    def cpu_count(self) -> int:
+        """CPUs this process may use (cgroup quota and affinity)."""
+        return cpu_quota()
+
+    @property
+    def effective_inference_threads(self) -> int:
+        return self.inference_threads or self.cpu_count
+
+    @property
+    def effective_preprocess_threads(self) -> int:
+        return self.preprocess_threads or self.cpu_count
+
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.jwt_secret.get_secret_value() == DEV_JWT_SECRET
