@@ -13,7 +13,9 @@ from rottenbot_inference.api.state import AppState, Phase, get_state
 router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/live", response_model=HealthOut, summary="The process is up")
+@router.get(
+    "/live", response_model=HealthOut, response_model_exclude_none=True, summary="The process is up"
+)
 async def live() -> HealthOut:
     return HealthOut(status="alive")
 
