@@ -140,8 +140,8 @@ class ModelLoader:
 
     def load(self, source: ModelSource) -> ModelBundle:
         artifact = source.fetch()
-        class_names = load_class_names(artifact)
         path = model_file(artifact.path)
+        class_names = load_class_names(artifact)
         content_hash = _sha256(path)
         version = artifact.version or content_hash[:12]
         runtime, notes = self._runtime_for(path, content_hash)
