@@ -14,7 +14,8 @@ from rottenbot_inference.api import health, model, predict
 from rottenbot_inference.api.errors import install_error_handlers
 from rottenbot_inference.api.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
 from rottenbot_inference.api.state import AppState, Phase
-from rottenbot_inference.auth.tokens import TokenVerifier
+from rottenbot_inference.auth.blocklist import start_blocklist
+from rottenbot_inference.auth.tokens import build_verifier
 from rottenbot_inference.inference.loader import ModelLoader, source_from_settings
 from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
@@ -50,8 +51,10 @@ def create_app(
         if settings.uses_dev_secret:
             log.warning("JWT_SECRET is not set: using the development secret; never in production")
         service = InferenceService(settings)
-        verifier = TokenVerifier(settings.jwt_secret.get_secret_value(), settings.jwt_algorithm)
-        state = AppState(settings=settings, service=service, verifier=verifier)
+        verifier = build_verifier(settings)
+        await verifier.start()
+        blocklist = await start_blocklist(settings)
+        state = AppState(settings=settings, service=service, verifier=verifier, blocklist=blocklist)
         app.state.rottenbot = state
         service.start()
         loading = asyncio.create_task(load_model(state))
@@ -62,6 +65,7 @@ def create_app(
             state.phase = Phase.SHUTTING_DOWN
             loading.cancel()
             await service.stop()
+            await blocklist.close()
 
     app = FastAPI(
         title="RottenBot inference service",

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rottenbot_inference.resources import cpu_quota
@@ -72,7 +72,41 @@ class Settings(BaseSettings):
 
     # --- auth ---------------------------------------------------------------------------
     jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
-    jwt_algorithm: str = "HS256"
+    jwt_algorithm: str = Field(
+        "HS256", description="The only algorithm accepted (HS256/384/512, RS*, PS*, ES*, EdDSA)"
+    )
+    jwt_leeway_s: float = Field(10.0, ge=0, description="Clock skew allowed on exp (seconds)")
+    jwt_public_key_file: Path | None = Field(
+        None, description="PEM public key for asymmetric JWT_ALGORITHM (RS256, ES256, ...)"
+    )
+    jwt_jwks_url: str | None = Field(
+        None, description="JWKS for asymmetric JWT_ALGORITHM: an http(s) URL or a file path"
+    )
+    jwt_jwks_cache_s: float = Field(
+        300.0, gt=0, description="How long fetched JWKS keys are used before refetching"
+    )
+    jwt_audience: str | None = Field(None, description="Required 'aud' claim when set")
+    jwt_issuer: str | None = Field(None, description="Required 'iss' claim when set")
+    redis_host: str | None = Field(
+        None, description="Revocation store (auth service logout); unset: in-process blocklist"
+    )
+    redis_port: int = 6379
+    redis_password: SecretStr | None = None
+    redis_timeout_s: float = Field(
+        0.5, gt=0, description="Connect/read timeout of one revocation check"
+    )
+    auth_fail_open: bool = Field(
+        False, description="Accept tokens unchecked while Redis is down (default: 503)"
+    )
+
+    @field_validator(
+        "jwt_public_key_file", "jwt_jwks_url", "jwt_audience", "jwt_issuer", "redis_host",
+        "redis_password", mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`REDIS_HOST=` (as compose files often write) means unset, not an empty host."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     # --- HTTP server --------------------------------------------------------------------
     host: str = "127.0.0.1"

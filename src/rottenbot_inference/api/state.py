@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fastapi import Request
 
+from rottenbot_inference.auth.blocklist import Blocklist, InMemoryBlocklist
 from rottenbot_inference.auth.tokens import TokenVerifier
 from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
@@ -26,6 +27,7 @@ class AppState:
     verifier: TokenVerifier
     phase: Phase = Phase.LOADING
     detail: str | None = None
+    blocklist: Blocklist = field(default_factory=InMemoryBlocklist)
 
 
 def get_state(request: Request) -> AppState:
