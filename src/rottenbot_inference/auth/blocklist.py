@@ -159,7 +159,8 @@ class RedisBlocklist:
             return False
 
     async def close(self) -> None:
-        await self._client.aclose()
+        """Close the client and every pooled connection (shutdown)."""
+        await self._client.aclose(close_connection_pool=True)
 
 
 class FailOpenBlocklist:
