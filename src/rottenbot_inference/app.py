@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from rottenbot_inference import __version__
-from rottenbot_inference.api import health, model, predict
+from rottenbot_inference.api import health, model, predict, predictions
 from rottenbot_inference.api.errors import install_error_handlers
 from rottenbot_inference.api.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
 from rottenbot_inference.api.state import AppState, Phase
@@ -19,6 +19,7 @@ from rottenbot_inference.auth.tokens import build_verifier
 from rottenbot_inference.inference.loader import ModelLoader, source_from_settings
 from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
+from rottenbot_inference.storage.service import PredictionStore
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,12 @@ def create_app(
         verifier = build_verifier(settings)
         await verifier.start()
         blocklist = await start_blocklist(settings)
-        state = AppState(settings=settings, service=service, verifier=verifier, blocklist=blocklist)
+        store = PredictionStore(settings)
+        await store.start()  # opens the durable outbox (resuming what is left) and drains it
+        state = AppState(
+            settings=settings, service=service, verifier=verifier, blocklist=blocklist,
+            predictions=store,
+        )
         app.state.rottenbot = state
         service.start()
         loading = asyncio.create_task(load_model(state))
@@ -65,6 +71,7 @@ def create_app(
             state.phase = Phase.SHUTTING_DOWN
             loading.cancel()
             await service.stop()
+            await store.stop()  # drains for OUTBOX_SHUTDOWN_GRACE_S; the rest stays durable
             await blocklist.close()
 
     app = FastAPI(
@@ -82,6 +89,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(predict.router)
     app.include_router(model.router)
+    app.include_router(predictions.router)
     app.include_router(health.router)
     return app
 

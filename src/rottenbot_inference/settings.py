@@ -108,6 +108,46 @@ class Settings(BaseSettings):
         """`REDIS_HOST=` (as compose files often write) means unset, not an empty host."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    # --- persistence (saved predictions: outbox -> image store + database) ---------------
+    database_url: SecretStr | None = Field(
+        None,
+        description="postgresql+asyncpg://user:pass@host:5432/db; unset: SQLite in DATA_DIR",
+    )
+    database_timeout_s: float = Field(5.0, gt=0, description="Connect/statement timeout")
+    database_pool_size: int = Field(5, ge=1)
+    migrate_on_start: bool = Field(True, description="Run Alembic migrations on start")
+    image_store: Literal["auto", "local", "s3"] = Field(
+        "auto", description="auto: S3 when LOCAL_S3_PROXY_SERVICE_URL is set, else a folder"
+    )
+    images_dir: Path | None = Field(None, description="Local image store; default DATA_DIR/images")
+    local_s3_proxy_service_url: str | None = Field(None, description="S3/MinIO endpoint URL")
+    minio_root_user: str | None = Field(None, description="S3 access key")
+    minio_root_password: SecretStr | None = Field(None, description="S3 secret key")
+    s3_bucket: str = Field("images", description="Bucket for images (created if missing)")
+    s3_region: str = "us-east-1"
+    s3_timeout_s: float = Field(5.0, gt=0, description="S3 connect/read timeout")
+    s3_max_attempts: int = Field(2, ge=1, description="botocore attempts per S3 call")
+    outbox_dir: Path | None = Field(None, description="Durable save spool; default DATA_DIR/outbox")
+    outbox_max_items: int = Field(10_000, ge=1, description="Pending saves beyond which: 503")
+    outbox_max_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Pending image bytes beyond which saves get 503"
+    )
+    outbox_batch_size: int = Field(16, ge=1, description="Items drained per database insert")
+    outbox_upload_concurrency: int = Field(4, ge=1, description="Parallel image uploads")
+    outbox_retry_base_s: float = Field(0.5, gt=0, description="First retry delay")
+    outbox_retry_max_s: float = Field(30.0, gt=0, description="Longest retry delay")
+    outbox_shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On shutdown, keep draining this long; the rest stays durable"
+    )
+
+    @field_validator(
+        "database_url", "local_s3_proxy_service_url", "minio_root_user", "minio_root_password",
+        mode="before",
+    )
+    @classmethod
+    def _empty_storage_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     # --- HTTP server --------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000

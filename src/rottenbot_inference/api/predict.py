@@ -13,6 +13,8 @@ from rottenbot_inference.api.errors import PREDICTION_FAILED, PayloadTooLarge, S
 from rottenbot_inference.api.schemas import ClassScoreOut, ErrorOut, PredictionOut
 from rottenbot_inference.inference.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from rottenbot_inference.inference.images import ImageError, check_declared_type
+from rottenbot_inference.storage.records import STORED_TOP_K
+from rottenbot_inference.storage.service import StorageUnavailable
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/inference", tags=["inference"])
@@ -55,13 +57,24 @@ async def predict(
     if file.size is not None and file.size > limit:
         raise PayloadTooLarge(f"The file exceeds the {limit} byte upload limit.")
     data = await file.read()
+    ranked_k = max(top_k or 1, STORED_TOP_K if save_prediction else 1)
     try:
-        result = await state.service.classify(data, top_k=top_k or 1)
+        result = await state.service.classify(data, top_k=ranked_k)
     except _EXPECTED:
         raise
     except Exception:
         log.exception("prediction failed for user %s", user.user_uid)
         raise HTTPException(status_code=500, detail=PREDICTION_FAILED) from None
+    prediction_uid = None
+    if save_prediction:
+        # Saved under the token's user (never the query parameter). Returns once the save is
+        # durable in the local outbox; S3 and the database are written in the background.
+        if state.predictions is None:
+            raise ServiceUnavailable("Saving predictions is not available right now.")
+        try:
+            prediction_uid = await state.predictions.save(user.user_uid, result, data)
+        except StorageUnavailable as exc:
+            raise ServiceUnavailable(exc.detail) from None
     best = result.best
     return PredictionOut(
         predicted_class=best.index,
@@ -72,6 +85,7 @@ async def predict(
         if top_k is None
         else [
             ClassScoreOut(class_index=s.index, class_name=s.name, confidence=s.confidence)
-            for s in result.ranked
+            for s in result.ranked[:top_k]
         ],
+        prediction_uid=prediction_uid,
     )

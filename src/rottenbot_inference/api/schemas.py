@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +24,35 @@ class PredictionOut(BaseModel):
     model_version: str = Field(description="Version of the model that answered")
     top_k: list[ClassScoreOut] | None = Field(
         None, description="The k most probable classes, best first (when top_k is given)"
+    )
+    prediction_uid: uuid.UUID | None = Field(
+        None, description="With save_prediction=true: the uid of the saved prediction"
+    )
+
+
+class SavedPredictionOut(BaseModel):
+    """A prediction from the caller's history."""
+
+    uid: uuid.UUID
+    created_at: dt.datetime
+    predicted_class: int
+    predicted_class_name: str
+    confidence: float
+    model_name: str | None = None
+    model_version: str | None = None
+    content_type: str | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+    image_bytes: int | None = None
+    top_k: list[ClassScoreOut] | None = None
+    image_url: str = Field(description="Where to fetch the saved image (same auth)")
+    status: str = Field(description="stored, or pending (accepted, not yet in the database)")
+
+
+class PredictionPageOut(BaseModel):
+    items: list[SavedPredictionOut]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next (older) page; absent on the last"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -11,6 +12,9 @@ from rottenbot_inference.auth.blocklist import Blocklist, InMemoryBlocklist
 from rottenbot_inference.auth.tokens import TokenVerifier
 from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
+
+if TYPE_CHECKING:
+    from rottenbot_inference.storage.service import PredictionStore
 
 
 class Phase(StrEnum):
@@ -28,6 +32,7 @@ class AppState:
     phase: Phase = Phase.LOADING
     detail: str | None = None
     blocklist: Blocklist = field(default_factory=InMemoryBlocklist)
+    predictions: PredictionStore | None = None  # saved predictions (outbox, database, images)
 
 
 def get_state(request: Request) -> AppState:

@@ -1,0 +1,161 @@
+"""The caller's saved predictions: list, get, image, delete (scoped by the token's user).
+
+Another user's prediction is a 404, never a 403: whether a uid exists is not revealed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi.responses import StreamingResponse
+
+from rottenbot_inference.api.deps import CurrentUser
+from rottenbot_inference.api.errors import ServiceUnavailable
+from rottenbot_inference.api.schemas import (
+    ClassScoreOut,
+    ErrorOut,
+    PredictionPageOut,
+    SavedPredictionOut,
+)
+from rottenbot_inference.api.state import AppState, get_state
+from rottenbot_inference.storage.service import (
+    MAX_PAGE_SIZE,
+    InvalidCursor,
+    PredictionStore,
+    SavedPrediction,
+    StorageUnavailable,
+)
+
+PREFIX = "/api/v1/inference/predictions"
+router = APIRouter(prefix=PREFIX, tags=["predictions"])
+
+NOT_FOUND = "Prediction not found."
+_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorOut, "description": "Missing, invalid, expired or revoked token"},
+    404: {"model": ErrorOut, "description": "No such prediction for this user"},
+    503: {"model": ErrorOut, "description": "Database or image store unavailable; Retry-After"},
+}
+
+
+def _store(state: Annotated[AppState, Depends(get_state)]) -> PredictionStore:
+    if state.predictions is None:
+        raise ServiceUnavailable("Saved predictions are not available right now.")
+    return state.predictions
+
+
+Store = Annotated[PredictionStore, Depends(_store)]
+
+
+def _out(saved: SavedPrediction) -> SavedPredictionOut:
+    record = saved.record
+    return SavedPredictionOut(
+        uid=record.uid,
+        created_at=record.created_at,
+        predicted_class=record.predicted_class,
+        predicted_class_name=record.predicted_class_name,
+        confidence=record.confidence,
+        model_name=record.model_name,
+        model_version=record.model_version,
+        content_type=record.content_type,
+        image_width=record.image_width,
+        image_height=record.image_height,
+        image_bytes=record.image_bytes,
+        top_k=None
+        if record.top_k is None
+        else [
+            ClassScoreOut(
+                class_index=item["class"],
+                class_name=item["class_name"],
+                confidence=item["confidence"],
+            )
+            for item in record.top_k
+        ],
+        image_url=f"{PREFIX}/{record.uid}/image",
+        status="pending" if saved.pending else "stored",
+    )
+
+
+@router.get(
+    "",
+    response_model=PredictionPageOut,
+    response_model_exclude_none=True,
+    responses={**_RESPONSES, 400: {"model": ErrorOut, "description": "Invalid cursor"}},
+    summary="The caller's saved predictions, newest first",
+)
+async def list_predictions(
+    user: CurrentUser,
+    store: Store,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Page size")] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="`next_cursor` of the previous page")
+    ] = None,
+    class_name: Annotated[
+        str | None, Query(max_length=200, description="Only this class, e.g. Apple__Rotten")
+    ] = None,
+) -> PredictionPageOut:
+    try:
+        page = await store.list(user.user_uid, limit=limit, cursor=cursor, class_name=class_name)
+    except InvalidCursor as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    except StorageUnavailable as exc:
+        raise ServiceUnavailable(exc.detail) from None
+    items = [_out(item) for item in page.items]
+    return PredictionPageOut(items=items, next_cursor=page.next_cursor)
+
+
+@router.get(
+    "/{uid}",
+    response_model=SavedPredictionOut,
+    response_model_exclude_none=True,
+    responses=_RESPONSES,
+    summary="One saved prediction",
+)
+async def get_prediction(user: CurrentUser, store: Store, uid: uuid.UUID) -> SavedPredictionOut:
+    try:
+        saved = await store.get(user.user_uid, uid)
+    except StorageUnavailable as exc:
+        raise ServiceUnavailable(exc.detail) from None
+    if saved is None:
+        raise HTTPException(status_code=404, detail=NOT_FOUND)
+    return _out(saved)
+
+
+@router.get(
+    "/{uid}/image",
+    response_class=StreamingResponse,
+    responses={
+        **_RESPONSES,
+        200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "The image"},
+    },
+    summary="The saved image, as uploaded",
+)
+async def get_prediction_image(user: CurrentUser, store: Store, uid: uuid.UUID) -> Response:
+    try:
+        image = await store.open_image(user.user_uid, uid)
+    except StorageUnavailable as exc:
+        raise ServiceUnavailable(exc.detail) from None
+    if image is None:
+        raise HTTPException(status_code=404, detail=NOT_FOUND)
+    headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+    if image.size is not None:
+        headers["Content-Length"] = str(image.size)
+    return StreamingResponse(image.chunks, media_type=image.content_type, headers=headers)
+
+
+@router.delete(
+    "/{uid}",
+    status_code=204,
+    response_class=Response,
+    responses=_RESPONSES,
+    summary="Delete a saved prediction and its image",
+)
+async def delete_prediction(user: CurrentUser, store: Store, uid: uuid.UUID) -> Response:
+    try:
+        found = await store.delete(user.user_uid, uid)
+    except StorageUnavailable as exc:
+        raise ServiceUnavailable(exc.detail) from None
+    if not found:
+        raise HTTPException(status_code=404, detail=NOT_FOUND)
+    return Response(status_code=204)

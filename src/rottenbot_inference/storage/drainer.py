@@ -1,0 +1,235 @@
+"""Moves saves from the outbox to their final homes: image store first, then the database.
+
+Order and idempotency: the image is uploaded before the row is inserted, so a row never points
+at a missing image; the insert ignores a uid already there and the upload overwrites the same
+key with the same bytes, so an item retried after a crash (at-least-once) never duplicates.
+Only after both succeed is the item removed from the outbox.
+
+Scheduling: items are taken oldest first in batches (uploads in parallel, one multi-row insert,
+one outbox commit). A failed item is retried after an exponential backoff with jitter, capped.
+While a dependency is failing the drainer also backs off as a whole and probes with a single
+item at a time (not the whole backlog, each item waiting out its own timeout); the first success
+restores full batches. On shutdown it keeps draining for a grace period, then leaves the rest in
+the outbox for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+
+from rottenbot_inference.storage.db import PredictionRepository
+from rottenbot_inference.storage.images import ImageStore
+from rottenbot_inference.storage.outbox import Entry, Outbox
+
+log = logging.getLogger(__name__)
+
+
+def backoff_s(attempts: int, base_s: float, max_s: float, rng: random.Random = random) -> float:  # type: ignore[assignment]
+    """Exponential backoff with jitter: uniformly in [d/2, d], d = min(max, base * 2^(n-1))."""
+    ceiling = min(max_s, base_s * 2 ** max(0, attempts - 1))
+    return ceiling * (0.5 + 0.5 * rng.random())
+
+
+class Drainer:
+    def __init__(
+        self,
+        outbox: Outbox,
+        images: ImageStore,
+        repository: PredictionRepository,
+        executor: Executor,
+        *,
+        batch_size: int = 16,
+        upload_concurrency: int = 4,
+        retry_base_s: float = 0.5,
+        retry_max_s: float = 30.0,
+        ensure_schema: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.images = images
+        self.repository = repository
+        self.executor = executor
+        self.batch_size = batch_size
+        self.upload_concurrency = upload_concurrency
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self.ensure_schema = ensure_schema
+        self.drained = 0  # items moved to the image store + database by this process
+        self.failures = 0  # failed attempts (item-level)
+        self.last_error: str | None = None
+        self._consecutive_failures = 0
+        self._resume_at = 0.0  # monotonic; the global backoff while a dependency is down
+        self._bucket_ready = False
+        self._uploaded: set[uuid.UUID] = set()  # uploaded, row not yet inserted (skip re-upload)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._deadline = float("inf")
+        outbox.add_listener(self._wake.set)
+
+    @property
+    def healthy(self) -> bool:
+        """False while the last attempt failed (a dependency is probably down)."""
+        return self._consecutive_failures == 0
+
+    def forget(self, uid: uuid.UUID) -> None:
+        """The item was discarded (a user's delete): drop what we remember about it."""
+        self._uploaded.discard(uid)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-drainer")
+
+    async def stop(self, grace_s: float) -> None:
+        """Keep draining up to `grace_s` seconds, then stop (the rest stays in the outbox)."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._deadline = time.monotonic() + grace_s
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=grace_s)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.outbox.backlog:
+            log.warning(
+                "stopping with %d saves still in the outbox; they are drained at the next start",
+                self.outbox.backlog,
+            )
+
+    async def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            limit = self.batch_size if self.healthy else 1
+            due, next_due = self._due(now, limit)
+            if self._closing and (
+                (not due and (next_due is None or next_due > self._deadline))
+                or self._resume_at > self._deadline
+            ):
+                return
+            if due and now >= self._resume_at:
+                try:
+                    await self._drain(due)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug, not an outage: keep the loop alive
+                    log.exception("drainer: unexpected error")
+                    self._failed(due, "unexpected error")
+                continue
+            wake_at = max(self._resume_at, next_due or float("inf")) if not due else self._resume_at
+            self._wake.clear()
+            timeout = None if wake_at == float("inf") else max(0.0, wake_at - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    def _due(self, now: float, limit: int) -> tuple[list[Entry], float | None]:
+        due: list[Entry] = []
+        next_due: float | None = None
+        for entry in self.outbox.entries():
+            if entry.busy:
+                continue
+            if entry.due <= now:
+                if len(due) < limit:
+                    due.append(entry)
+                    continue
+                return due, now
+            next_due = entry.due if next_due is None else min(next_due, entry.due)
+        return due, next_due
+
+    async def _drain(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            entry.claim()
+        try:
+            await self._drain_claimed(entries)
+        finally:
+            for entry in entries:
+                entry.release()
+
+    async def _drain_claimed(self, entries: list[Entry]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if not self._bucket_ready:
+                await loop.run_in_executor(self.executor, self.images.ensure_ready)
+                self._bucket_ready = True
+            images = await self.outbox.load_images([e.uid for e in entries])
+        except Exception as exc:
+            self._failed(entries, f"image store: {exc}")
+            return
+        gate = asyncio.Semaphore(self.upload_concurrency)
+        failed: list[Entry] = []
+        errors: list[str] = []
+
+        async def upload(entry: Entry) -> Entry | None:
+            data = images.get(entry.uid)
+            if data is None:
+                return None  # removed from the outbox meanwhile
+            record = entry.record
+            record.image_bytes = len(data)
+            record.image_sha256 = hashlib.sha256(data).hexdigest()
+            if entry.uid in self._uploaded:
+                return entry
+            async with gate:
+                try:
+                    await loop.run_in_executor(
+                        self.executor,
+                        self.images.put,
+                        record.image_path,
+                        data,
+                        record.content_type or "application/octet-stream",
+                    )
+                except Exception as exc:
+                    failed.append(entry)
+                    errors.append(str(exc))
+                    return None
+            self._uploaded.add(entry.uid)
+            return entry
+
+        uploaded = [e for e in await asyncio.gather(*map(upload, entries)) if e is not None]
+        if failed:
+            self._failed(failed, f"image store: {errors[0]}")
+        if not uploaded:
+            return
+        try:
+            if self.ensure_schema is not None:
+                await self.ensure_schema()
+            await self.repository.insert_many([e.record for e in uploaded])
+        except Exception as exc:
+            self._failed(uploaded, f"database: {exc}")
+            return
+        uids = [e.uid for e in uploaded]
+        await self.outbox.remove(uids)
+        self._uploaded.difference_update(uids)
+        self.drained += len(uids)
+        if failed:
+            return
+        if self._consecutive_failures:
+            log.info("drainer: storage reachable again; %d saves pending", self.outbox.backlog)
+        self._consecutive_failures = 0
+        self._resume_at = 0.0
+
+    def _failed(self, entries: list[Entry], reason: str) -> None:
+        now = time.monotonic()
+        self.failures += len(entries)
+        self.last_error = reason
+        self._consecutive_failures += 1
+        self._resume_at = now + backoff_s(
+            self._consecutive_failures, self.retry_base_s, self.retry_max_s
+        )
+        for entry in entries:
+            entry.attempts += 1
+            entry.last_error = reason
+            entry.due = now + backoff_s(entry.attempts, self.retry_base_s, self.retry_max_s)
+        log_at = logging.WARNING if self._consecutive_failures in (1, 10, 100) else logging.DEBUG
+        log.log(
+            log_at,
+            "drainer: %d saves not stored yet (%s); retrying with backoff, %d pending",
+            len(entries), reason, self.outbox.backlog,
+        )

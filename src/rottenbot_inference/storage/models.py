@@ -1,0 +1,81 @@
+"""The `predictions` table (DESIGN.md §1 columns, never dropped, plus what retraining needs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, Text, TypeDecorator, Uuid
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC in Python on every backend.
+
+    PostgreSQL stores `timestamptz`. SQLite has no time zones, so values are stored as UTC
+    without an offset (SQLAlchemy's fixed-width text format keeps them sortable) and come back
+    tagged UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: use an aware UTC datetime")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    uid: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    image_path: Mapped[str] = mapped_column(Text, unique=True)
+    predicted_class: Mapped[int] = mapped_column(Integer)
+    predicted_class_name: Mapped[str] = mapped_column(Text)
+    confidence: Mapped[float] = mapped_column(Float)
+    user_uid: Mapped[uuid.UUID] = mapped_column(Uuid)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    # Added by us (nullable: rows written by the previous service lack them).
+    model_name: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(Text)
+    content_type: Mapped[str | None] = mapped_column(Text)
+    image_format: Mapped[str | None] = mapped_column(Text)
+    image_width: Mapped[int | None] = mapped_column(Integer)
+    image_height: Mapped[int | None] = mapped_column(Integer)
+    image_bytes: Mapped[int | None] = mapped_column(Integer)
+    image_sha256: Mapped[str | None] = mapped_column(Text)
+    top_k: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql")
+    )
+
+
+
+# History: WHERE user_uid = ? [AND predicted_class_name = ?] ORDER BY created_at DESC, uid DESC
+# (keyset pagination walks these indexes without sorting).
+Index(
+    "ix_predictions_user_created_uid",
+    Prediction.user_uid, Prediction.created_at.desc(), Prediction.uid.desc(),
+)
+Index(
+    "ix_predictions_user_class_created_uid",
+    Prediction.user_uid, Prediction.predicted_class_name, Prediction.created_at.desc(),
+    Prediction.uid.desc(),
+)

@@ -1,0 +1,329 @@
+"""PredictionStore: the saved-predictions use case the HTTP layer calls.
+
+- `save` spools the record and image durably in the outbox and returns the prediction uid; it
+  never waits for the image store or the database (the drainer does that in the background).
+- History reads merge the database with the saves still pending in the outbox, so a user sees
+  their save at once, even while the database or image store is down (read-your-writes).
+- Everything is scoped by the caller's user uid: another user's prediction is simply not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import datetime as dt
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from rottenbot_inference.settings import Settings
+from rottenbot_inference.storage.db import (
+    Cursor,
+    PredictionRepository,
+    create_engine,
+    database_url,
+    migrate,
+)
+from rottenbot_inference.storage.drainer import Drainer, backoff_s
+from rottenbot_inference.storage.images import (
+    ImageStore,
+    ImageStoreError,
+    StoredImage,
+    build_image_store,
+)
+from rottenbot_inference.storage.outbox import Outbox, OutboxError, OutboxFull
+from rottenbot_inference.storage.records import STORED_TOP_K, PredictionRecord, object_key
+
+if TYPE_CHECKING:
+    from rottenbot_inference.inference.service import Classification
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 100
+_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
+class StorageUnavailable(Exception):
+    """The outbox is full, or the database / image store cannot be reached (a 503)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SavedPrediction:
+    record: PredictionRecord
+    pending: bool  # still in the outbox (not yet in the database)
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[SavedPrediction]
+    next_cursor: str | None
+
+
+def encode_cursor(key: Cursor) -> str:
+    created_at, uid = key
+    raw = json.dumps([created_at.isoformat(), uid.hex], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, uid = json.loads(raw)
+        created_at = dt.datetime.fromisoformat(created)
+        if created_at.tzinfo is None:
+            raise ValueError("naive")
+        return created_at, uuid.UUID(hex=uid)
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
+        raise InvalidCursor("Invalid cursor.") from exc
+
+
+class PredictionStore:
+    """Owns the outbox, the drainer, the database engine and the image store."""
+
+    def __init__(self, settings: Settings, images: ImageStore | None = None) -> None:
+        self.settings = settings
+        self.url = database_url(settings)
+        self.engine = create_engine(
+            self.url, timeout_s=settings.database_timeout_s, pool_size=settings.database_pool_size
+        )
+        self.repository = PredictionRepository(self.engine)
+        self.images = images or build_image_store(settings)
+        self.outbox = Outbox(
+            settings.outbox_dir or settings.data_dir / "outbox",
+            max_items=settings.outbox_max_items,
+            max_bytes=settings.outbox_max_bytes,
+        )
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.outbox_upload_concurrency + 4, thread_name_prefix="storage-io"
+        )
+        self.drainer = Drainer(
+            self.outbox,
+            self.images,
+            self.repository,
+            self.executor,
+            batch_size=settings.outbox_batch_size,
+            upload_concurrency=settings.outbox_upload_concurrency,
+            retry_base_s=settings.outbox_retry_base_s,
+            retry_max_s=settings.outbox_retry_max_s,
+            ensure_schema=self.ensure_schema,
+        )
+        self._schema_ready = not settings.migrate_on_start
+        self._schema_lock = asyncio.Lock()
+        self._migrating: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the outbox (resuming what is left) and start draining; never waits for the
+        database or image store, which may be down at start."""
+        await self.outbox.open()
+        log.info(
+            "saved predictions: database %s, images in %s, outbox %s",
+            self.url.render_as_string(hide_password=True), self.images.description,
+            self.outbox.path,
+        )
+        self.drainer.start()
+        if not self._schema_ready:
+            self._migrating = asyncio.create_task(self._migrate_until_done(), name="migrate")
+
+    async def stop(self) -> None:
+        """Drain for the grace period, then close; pending saves stay in the outbox."""
+        if self._migrating is not None:
+            self._migrating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._migrating
+        await self.drainer.stop(self.settings.outbox_shutdown_grace_s)
+        await self.outbox.close()
+        await self.engine.dispose()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        async with self._schema_lock:
+            if not self._schema_ready:
+                await migrate(self.url)
+                self._schema_ready = True
+                log.info("database schema is at head")
+
+    async def _migrate_until_done(self) -> None:
+        attempt = 0
+        while not self._schema_ready:
+            try:
+                await self.ensure_schema()
+            except Exception as exc:
+                attempt += 1
+                delay = backoff_s(attempt, 1.0, self.settings.outbox_retry_max_s)
+                log.warning("database migration failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        return self.outbox.backlog
+
+    @property
+    def oldest_pending_age_s(self) -> float:
+        return self.outbox.oldest_age_s
+
+    # --- use cases -----------------------------------------------------------------------
+
+    async def save(
+        self, user_uid: uuid.UUID, result: Classification, image: bytes
+    ) -> uuid.UUID:
+        """Spool a prediction durably; returns its uid once it can no longer be lost."""
+        uid = uuid.uuid4()
+        now = dt.datetime.now(dt.UTC)
+        image_format = result.image.format
+        best = result.best
+        record = PredictionRecord(
+            uid=uid,
+            user_uid=user_uid,
+            created_at=now,
+            image_path=object_key(user_uid, now, uid, image_format.extension),
+            predicted_class=best.index,
+            predicted_class_name=best.name,
+            confidence=best.confidence,
+            model_name=result.model_name,
+            model_version=result.model_version,
+            content_type=image_format.content_type,
+            image_format=image_format.value,
+            image_width=result.image.width,
+            image_height=result.image.height,
+            image_bytes=len(image),
+            top_k=[
+                {"class": s.index, "class_name": s.name, "confidence": s.confidence}
+                for s in result.ranked[:STORED_TOP_K]
+            ],
+        )
+        try:
+            await self.outbox.add(record, image)
+        except OutboxFull as exc:
+            log.warning("outbox full (%d pending): refusing a save", self.outbox.backlog)
+            raise StorageUnavailable(str(exc)) from exc
+        except OutboxError as exc:
+            raise StorageUnavailable(str(exc)) from exc
+        return uid
+
+    async def list(
+        self,
+        user_uid: uuid.UUID,
+        limit: int = 20,
+        cursor: str | None = None,
+        class_name: str | None = None,
+    ) -> Page:
+        """The user's saved predictions, newest first; pass `next_cursor` for the next page."""
+        limit = max(1, min(limit, MAX_PAGE_SIZE))
+        after = decode_cursor(cursor) if cursor else None
+        async with self._database():
+            stored = await self.repository.page(user_uid, limit + 1, after, class_name)
+        merged = {record.uid: SavedPrediction(record, pending=False) for record in stored}
+        for entry in self.outbox.entries():
+            record = entry.record
+            if (
+                record.user_uid == user_uid
+                and record.uid not in merged
+                and (class_name is None or record.predicted_class_name == class_name)
+                and (after is None or record.sort_key < after)
+            ):
+                merged[record.uid] = SavedPrediction(record, pending=True)
+        ordered = sorted(merged.values(), key=lambda s: s.record.sort_key, reverse=True)
+        items = ordered[:limit]
+        more = len(ordered) > limit
+        return Page(items, encode_cursor(items[-1].record.sort_key) if more else None)
+
+    async def get(self, user_uid: uuid.UUID, uid: uuid.UUID) -> SavedPrediction | None:
+        entry = self.outbox.get(uid)
+        if entry is not None and entry.record.user_uid == user_uid:
+            return SavedPrediction(entry.record, pending=True)
+        async with self._database():
+            record = await self.repository.get(user_uid, uid)
+        return None if record is None else SavedPrediction(record, pending=False)
+
+    async def open_image(self, user_uid: uuid.UUID, uid: uuid.UUID) -> StoredImage | None:
+        """The saved image (from the outbox while pending), or None."""
+        entry = self.outbox.get(uid)
+        if entry is not None and entry.record.user_uid == user_uid:
+            try:
+                data = (await self.outbox.load_images([uid])).get(uid)
+            except Exception as exc:
+                raise StorageUnavailable("The saved image cannot be read right now.") from exc
+            if data is not None:
+                content_type = entry.record.content_type or "application/octet-stream"
+                return StoredImage(content_type, len(data), iter([data]))
+        async with self._database():
+            record = await self.repository.get(user_uid, uid)
+        if record is None:
+            return None
+        return await self._images(self.images.get, record.image_path)
+
+    async def delete(self, user_uid: uuid.UUID, uid: uuid.UUID) -> bool:
+        """Remove row, image and any pending save; False if the user has no such prediction.
+
+        Order: the image before the row, and a pending save's outbox item last, so a failure
+        midway (503) leaves the row or item in place for a retry to finish the job, never an
+        orphaned image nobody can find again.
+        """
+        entry = self.outbox.get(uid)
+        if entry is not None and entry.record.user_uid == user_uid:
+            while entry.busy:  # the drainer is storing it right now: let it finish
+                await entry.idle.wait()
+            if self.outbox.get(uid) is entry:
+                entry.claim()
+                try:
+                    # A previous drain attempt may have stored the image, or even the row.
+                    await self._images(self.images.delete, entry.record.image_path)
+                    async with self._database():
+                        await self.repository.delete(user_uid, uid)
+                    await self.outbox.remove([uid])
+                    self.drainer.forget(uid)
+                finally:
+                    entry.release()
+                return True
+        async with self._database():
+            record = await self.repository.get(user_uid, uid)
+        if record is None:
+            return False
+        await self._images(self.images.delete, record.image_path)
+        async with self._database():
+            await self.repository.delete(user_uid, uid)
+        return True
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _database(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except _DB_ERRORS as exc:
+            log.warning("database unavailable: %s", exc)
+            raise StorageUnavailable(
+                "Saved predictions cannot be read right now (database unavailable); retry shortly."
+            ) from exc
+
+    async def _images(self, function: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, function, *args)
+        except ImageStoreError as exc:
+            log.warning("image store unavailable: %s", exc)
+            raise StorageUnavailable(
+                "Saved images cannot be reached right now (image store unavailable); retry shortly."
+            ) from exc

@@ -1,0 +1,317 @@
+"""Real storage servers for tests, on loopback: PostgreSQL (initdb/pg_ctl) and moto's S3 server.
+
+If a server cannot be started, the test fails when CI=true and is skipped (with the reason)
+otherwise. Outages are simulated for real: `PostgresServer.stop()/start()` (pg_ctl, same port
+and data) and `MotoS3Server.pause()/resume()` (SIGSTOP/SIGCONT: moto keeps objects in memory,
+so it is frozen rather than restarted; clients then time out as with a hung server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from tests.helpers import auth, free_port, jpeg_bytes, random_photo
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Fail loudly in CI, skip with the reason elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: storage servers are required)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(message)
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def postgres_bin_dir() -> Path | None:
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    if candidates:
+        return Path(candidates[0]).parent
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (password auth over TCP).
+
+    initdb refuses to run as root, so as root the cluster belongs to the `postgres` user, in a
+    temporary folder it owns (pytest's own tmp folders are private to root).
+    """
+
+    user = "admin"
+
+    def __init__(self) -> None:
+        bin_dir = postgres_bin_dir()
+        if bin_dir is None:
+            unavailable("PostgreSQL binaries (initdb) not found; apt-get install postgresql")
+        self.bin_dir = bin_dir
+        self.run_as = "postgres" if os.geteuid() == 0 else None
+        self.root = Path(tempfile.mkdtemp(prefix="rottenbot-pg-"))
+        self.data = self.root / "data"
+        self.socket_dir = self.root / "sock"
+        self.socket_dir.mkdir()
+        self.port = free_port()
+        self.password = secrets.token_hex(12)
+        if self.run_as:
+            shutil.chown(self.root, self.run_as)
+            shutil.chown(self.socket_dir, self.run_as)
+        self.running = False
+
+    def _cmd(self, *args: str) -> list[str]:
+        command = [str(self.bin_dir / args[0]), *args[1:]]
+        return ["runuser", "-u", self.run_as, "--", *command] if self.run_as else command
+
+    def init(self) -> None:
+        pwfile = self.root / "pw"
+        pwfile.write_text(self.password)
+        if self.run_as:
+            shutil.chown(pwfile, self.run_as)
+        subprocess.run(
+            self._cmd(
+                "initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
+                "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync",
+            ),
+            check=True, capture_output=True, timeout=120,
+        )
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.socket_dir}'\n"
+                "fsync = off\nfull_page_writes = off\nsynchronous_commit = off\n"
+                "max_connections = 100\nshared_buffers = 32MB\n"
+            )
+
+    def start(self, timeout_s: float = 60) -> None:
+        subprocess.run(
+            self._cmd("pg_ctl", "-D", str(self.data), "-l", str(self.root / "pg.log"), "-w",
+                      "-t", str(int(timeout_s)), "start"),
+            check=True, capture_output=True, timeout=timeout_s + 10,
+        )
+        _wait(lambda: _port_open(self.port), timeout_s, "PostgreSQL does not listen")
+        self.running = True
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """`pg_ctl stop -m fast`: clients get their connections closed, new ones are refused."""
+        subprocess.run(
+            self._cmd("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"),
+            check=True, capture_output=True, timeout=timeout_s,
+        )
+        self.running = False
+        _wait(lambda: not _port_open(self.port), timeout_s, "PostgreSQL still listens")
+
+    def destroy(self) -> None:
+        if self.running:
+            with contextlib.suppress(Exception):
+                self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def url(self, database: str = "postgres", driver: str = "postgresql+asyncpg") -> str:
+        return f"{driver}://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run SQL through psql over the unix socket; returns unaligned tuples-only output."""
+        result = subprocess.run(
+            self._cmd("psql", "-h", str(self.socket_dir), "-p", str(self.port), "-U", self.user,
+                      "-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql),
+            check=True, capture_output=True, text=True, timeout=60,
+        )
+        return result.stdout.strip()
+
+    def create_database(self, prefix: str = "t") -> str:
+        name = f"{prefix}_{secrets.token_hex(6)}"
+        self.psql(f'CREATE DATABASE "{name}"')
+        return name
+
+
+def start_postgres() -> PostgresServer:
+    server = PostgresServer()
+    try:
+        server.init()
+        server.start()
+    except (OSError, subprocess.SubprocessError, TimeoutError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        server.destroy()
+        unavailable(f"PostgreSQL could not be started: {exc} {detail[-500:]!r}")
+    return server
+
+
+class MotoS3Server:
+    """moto's standalone server (`python -m moto.server`) on a free loopback port."""
+
+    access_key = "rottenbot-test"
+    secret_key = "rottenbot-test-secret"
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+            )
+
+        def up() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self.process.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{self.url}/", timeout=5).status_code < 500
+            return False
+
+        _wait(up, timeout_s, "moto server did not start")
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections but nothing answers (a hung server)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.paused:
+            self.resume()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def client(self):  # -> botocore S3 client, for the tests' own checks
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.url, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
+                          connect_timeout=5, read_timeout=10),
+        )
+
+    def env(self, bucket: str) -> dict[str, str]:
+        """The service's environment (the original deployment's names) for this server."""
+        return {
+            "LOCAL_S3_PROXY_SERVICE_URL": self.url,
+            "MINIO_ROOT_USER": self.access_key,
+            "MINIO_ROOT_PASSWORD": self.secret_key,
+            "S3_BUCKET": bucket,
+        }
+
+
+def start_moto(log_path: Path) -> MotoS3Server:
+    try:
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"moto[server] is not installed: {exc}")
+    server = MotoS3Server(log_path)
+    try:
+        server.start()
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        server.stop()
+        unavailable(f"moto S3 server could not be started: {exc}")
+    return server
+
+
+# --- saving through the API, polling ------------------------------------------------------
+
+PREDICT = "/api/v1/inference/predict"
+PREDICTIONS = "/api/v1/inference/predictions"
+T = TypeVar("T")
+
+
+def poll(condition: Callable[[], T], timeout_s: float = 90, message: str = "timed out") -> T:
+    """Wait until `condition()` is truthy (a wait with a generous deadline, not a timing check)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} (after {timeout_s} s)")
+        time.sleep(0.1)
+
+
+def save(
+    client: Any, user: uuid.UUID, seed: int = 0, image: bytes | None = None,
+    content_type: str = "image/jpeg", filename: str = "../../etc/passwd.jpg",
+) -> httpx.Response:
+    """POST a prediction with save_prediction=True (the frontend's Python-style boolean)."""
+    data = image if image is not None else jpeg_bytes(random_photo(seed=seed))
+    return client.post(
+        f"{PREDICT}?save_prediction=True&user_uid={user}",
+        files={"file": (filename, data, content_type)},
+        headers=auth(user),
+    )
+
+
+def history(client: Any, user: uuid.UUID, **params: object) -> list[dict[str, Any]]:
+    """Every page of the user's history, following next_cursor."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        response = client.get(PREDICTIONS, params=query, headers=auth(user))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        items.extend(body["items"])
+        cursor = body.get("next_cursor")
+        if not cursor:
+            return items
+
+
+# Solid colours the tiny test model tells apart (several classes for the filter tests).
+COLOURS = ((0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 0), (255, 255, 0))
+
+
+def solid_jpeg(colour: tuple[int, int, int], height: int = 120, width: int = 160) -> bytes:
+    import numpy as np
+
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:] = colour
+    return jpeg_bytes(pixels)
