@@ -315,3 +315,51 @@ def solid_jpeg(colour: tuple[int, int, int], height: int = 120, width: int = 160
     pixels = np.zeros((height, width, 3), np.uint8)
     pixels[:] = colour
     return jpeg_bytes(pixels)
+
+
+class ServiceProcess:
+    """`python -m rottenbot_inference serve` on a free loopback port, with its Popen handle
+    (tests.helpers.running_server hides it) so a test can `kill -9` it and start it again."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.base_url = ""
+
+    def start(self, timeout_s: float = 300) -> str:
+        from tests.helpers import wait_ready
+
+        port = free_port()
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **self.env}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "rottenbot_inference", "serve"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.base_url = f"http://127.0.0.1:{port}"
+        wait_ready(self.base_url, timeout_s=timeout_s, process=self.process)
+        return self.base_url
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, nothing is flushed."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def stop(self, timeout_s: float = 60) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""

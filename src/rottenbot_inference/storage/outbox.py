@@ -9,7 +9,8 @@ Design choices:
 - **Group commit.** One writer thread owns the write connection. Adds (and removals) queue up
   while it is busy and are committed together in the next transaction: one fsync serves every
   request that arrived meanwhile, so the fsync cost per request falls as load rises instead of
-  serialising requests behind one another. No SQLite call ever runs on the event loop.
+  serialising requests behind one another. Removals of drained items are committed without
+  fsync (see `_apply`): only adds carry the promise. No SQLite call runs on the event loop.
 - **Bounded.** `max_items` / `max_bytes` (counted at the moment a save is accepted, so
   concurrent adds cannot overshoot): beyond them `OutboxFull` (the API answers 503 +
   Retry-After) rather than filling the disk or dropping saves silently.
@@ -35,7 +36,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,7 @@ class Outbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = True
         self._broken = False
+        self._synchronous_full: bool | None = None  # the writer connection's current mode
         self._listeners: list[Any] = []
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -327,6 +329,7 @@ class Outbox:
         batch: list[_Add | _Remove] = []
         try:
             conn = _connect(self.path)
+            self._synchronous_full = True
             while True:
                 batch, stop = self._next_batch()
                 if batch:
@@ -390,7 +393,12 @@ class Outbox:
                 results.append(exc)
         return results
 
-    def _apply(self, conn: sqlite3.Connection, batch: Iterable[_Add | _Remove]) -> None:
+    def _apply(self, conn: sqlite3.Connection, batch: Sequence[_Add | _Remove]) -> None:
+        # Adds are fsynced (the promise). A batch of removals only is not: losing one to a power
+        # cut means re-draining an item, which is idempotent; not fsyncing keeps the next group
+        # of adds from queueing behind a removal's fsync. (A process kill loses neither: the
+        # kernel keeps the written pages.)
+        self._set_synchronous(conn, full=any(isinstance(op, _Add) for op in batch))
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in batch:
@@ -417,6 +425,11 @@ class Outbox:
                 conn.execute("ROLLBACK")
             raise
         self.transactions += 1
+
+    def _set_synchronous(self, conn: sqlite3.Connection, full: bool) -> None:
+        if self._synchronous_full is not full:
+            conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            self._synchronous_full = full
 
     def _settle(self, batch: list[_Add | _Remove], results: list[BaseException | None]) -> None:
         assert self._loop is not None
