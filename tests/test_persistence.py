@@ -271,7 +271,7 @@ def test_database_down_then_back_every_acknowledged_save_arrives(
 ) -> None:
     client = make_client(**storage_overrides(postgres, database, moto_s3, bucket))
     store = store_of(client)
-    poll(lambda: store._schema_ready, message="migrations did not run on start")
+    poll(lambda: store.schema_ready, message="migrations did not run on start")
     user = uuid.uuid4()
     postgres.stop()
     try:
@@ -295,6 +295,34 @@ def test_database_down_then_back_every_acknowledged_save_arrives(
     assert sorted(r[0] for r in rows(postgres, database)) == sorted(uids)
     assert len(objects(moto_s3, bucket)) == 6
     assert [i["uid"] for i in history(client, user)] == list(reversed(uids))
+
+
+def test_shutdown_keeps_draining_for_the_grace_period(
+    make_client: Callable[..., TestClient], postgres: PostgresServer, database: str,
+    moto_s3: MotoS3Server, bucket: str,
+) -> None:
+    """Saves pending at shutdown are stored if storage comes back within the grace period."""
+    client = make_client(
+        **storage_overrides(postgres, database, moto_s3, bucket, outbox_shutdown_grace_s=60)
+    )
+    store = store_of(client)
+    user = uuid.uuid4()
+    moto_s3.pause()
+    try:
+        for seed in range(5):
+            assert save(client, user, seed=seed).status_code == 200
+        poll(lambda: store.drainer.failures >= 1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            shutdown = pool.submit(client.__exit__, None, None, None)  # lifespan shutdown
+            poll(lambda: store.drainer.closing, message="shutdown did not begin")
+            assert not shutdown.done()  # waiting for the pending saves, not abandoning them
+            moto_s3.resume()
+            shutdown.result(timeout=120)
+    finally:
+        if moto_s3.paused:
+            moto_s3.resume()
+    assert store.backlog == 0
+    assert len(rows(postgres, database)) == 5 and len(objects(moto_s3, bucket)) == 5
 
 
 def _outbox_rows(data_dir: Path) -> int:

@@ -123,6 +123,21 @@ def test_outbox_adopts_items_of_slots_no_process_holds(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_outbox_gives_the_space_of_drained_images_back(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
+        await outbox.open()
+        records = [record() for _ in range(300)]
+        await asyncio.gather(*(outbox.add(r, random.randbytes(50_000)) for r in records))
+        assert outbox.path is not None and outbox.path.stat().st_size > 10_000_000
+        for start in range(0, 300, 30):
+            await outbox.remove([r.uid for r in records[start : start + 30]])
+        await outbox.close()
+        assert outbox.backlog == 0 and outbox.path.stat().st_size < 2_000_000
+
+    asyncio.run(scenario())
+
+
 def test_backoff_is_exponential_jittered_and_capped() -> None:
     rng = random.Random(1)
     for attempts in range(1, 30):

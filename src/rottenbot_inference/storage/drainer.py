@@ -75,6 +75,11 @@ class Drainer:
         outbox.add_listener(self._wake.set)
 
     @property
+    def closing(self) -> bool:
+        """Shutdown has begun: draining what is left within the grace period."""
+        return self._closing
+
+    @property
     def healthy(self) -> bool:
         """False while the last attempt failed (a dependency is probably down)."""
         return self._consecutive_failures == 0

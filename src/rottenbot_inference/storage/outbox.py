@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MAX_SLOTS = 64
 _BATCH_BYTES = 64 * 1024 * 1024  # one group commit carries at most this much image data
+_VACUUM_EVERY = 256  # removed items between incremental vacuums (frees up to 16 MiB each)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -120,6 +121,7 @@ _STOP = object()
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
@@ -156,6 +158,7 @@ class Outbox:
         self._closed = True
         self._broken = False
         self._synchronous_full: bool | None = None  # the writer connection's current mode
+        self._removed = 0  # removals since the last incremental vacuum
         self._listeners: list[Any] = []
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -334,6 +337,7 @@ class Outbox:
                 batch, stop = self._next_batch()
                 if batch:
                     self._settle(batch, self._commit(conn, batch))
+                    self._maybe_vacuum(conn, batch)
                     batch = []
                 if stop:
                     return
@@ -353,6 +357,19 @@ class Outbox:
         finally:
             if conn is not None:
                 conn.close()
+
+    def _maybe_vacuum(self, conn: sqlite3.Connection, batch: list[_Add | _Remove]) -> None:
+        """Give the space of drained images back to the file system, a little at a time (a
+        long outage can grow the file to OUTBOX_MAX_BYTES; it should not stay that big)."""
+        self._removed += sum(len(op.uids) for op in batch if isinstance(op, _Remove))
+        if self._removed >= _VACUUM_EVERY:
+            self._removed = 0
+            try:
+                self._set_synchronous(conn, full=False)
+                # executescript steps the pragma to completion (execute frees one page only)
+                conn.executescript("PRAGMA incremental_vacuum(4096);")
+            except sqlite3.Error:
+                log.warning("outbox: incremental vacuum failed", exc_info=True)
 
     def _next_batch(self) -> tuple[list[_Add | _Remove], bool]:
         first = self._queue.get()

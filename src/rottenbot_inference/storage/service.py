@@ -176,6 +176,11 @@ class PredictionStore:
     # --- metrics -----------------------------------------------------------------------------
 
     @property
+    def schema_ready(self) -> bool:
+        """Migrations have run (or MIGRATE_ON_START=false)."""
+        return self._schema_ready
+
+    @property
     def backlog(self) -> int:
         return self.outbox.backlog
 
