@@ -28,6 +28,7 @@ from concurrent.futures import Executor
 from rottenbot_inference.storage.db import PredictionRepository
 from rottenbot_inference.storage.images import ImageStore
 from rottenbot_inference.storage.outbox import Entry, Outbox
+from rottenbot_inference.storage.tracing import span
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +184,14 @@ class Drainer:
                 return entry
             async with gate:
                 try:
-                    await loop.run_in_executor(
-                        self.executor,
-                        self.images.put,
-                        record.image_path,
-                        data,
-                        record.content_type or "application/octet-stream",
-                    )
+                    with span("save_image_s3", prediction_uid=str(entry.uid), bytes=len(data)):
+                        await loop.run_in_executor(
+                            self.executor,
+                            self.images.put,
+                            record.image_path,
+                            data,
+                            record.content_type or "application/octet-stream",
+                        )
                 except Exception as exc:
                     failed.append(entry)
                     errors.append(str(exc))
@@ -205,7 +207,8 @@ class Drainer:
         try:
             if self.ensure_schema is not None:
                 await self.ensure_schema()
-            await self.repository.insert_many([e.record for e in uploaded])
+            with span("save_prediction_db", rows=len(uploaded)):
+                await self.repository.insert_many([e.record for e in uploaded])
         except Exception as exc:
             self._failed(uploaded, f"database: {exc}")
             return

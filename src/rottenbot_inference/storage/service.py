@@ -41,6 +41,7 @@ from rottenbot_inference.storage.images import (
 )
 from rottenbot_inference.storage.outbox import Outbox, OutboxError, OutboxFull
 from rottenbot_inference.storage.records import STORED_TOP_K, PredictionRecord, object_key
+from rottenbot_inference.storage.tracing import span
 
 if TYPE_CHECKING:
     from rottenbot_inference.inference.service import Classification
@@ -219,7 +220,8 @@ class PredictionStore:
             ],
         )
         try:
-            await self.outbox.add(record, image)
+            with span("save_prediction_outbox", bytes=len(image)):
+                await self.outbox.add(record, image)
         except OutboxFull as exc:
             log.warning("outbox full (%d pending): refusing a save", self.outbox.backlog)
             raise StorageUnavailable(str(exc)) from exc
