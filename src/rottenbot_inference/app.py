@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,9 @@ from rottenbot_inference.inference.loader import ModelLoader, source_from_settin
 from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.storage.service import PredictionStore
+from rottenbot_inference.telemetry import TelemetryMiddleware, setup_telemetry, traced
+from rottenbot_inference.telemetry.middleware import fastapi_options
+from rottenbot_inference.telemetry import metrics as telemetry_metrics
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +31,19 @@ log = logging.getLogger(__name__)
 async def load_model(state: AppState) -> None:
     """Load, warm up and install the configured model; readiness follows."""
     settings = state.settings
+    started = time.perf_counter()
     try:
-        loader = ModelLoader(settings)
-        bundle = await asyncio.to_thread(loader.load, source_from_settings(settings))
-        await asyncio.to_thread(bundle.warm_up, settings.max_batch_size)
+        with traced("load_model") as span:
+            loader = ModelLoader(settings)
+            bundle = await asyncio.to_thread(loader.load, source_from_settings(settings))
+            await asyncio.to_thread(bundle.warm_up, settings.max_batch_size)
+            span.set_attributes({"model.name": bundle.name, "model.version": bundle.version})
     except Exception as exc:
         log.exception("the model could not be loaded")
+        telemetry_metrics.record_model_load("failure", time.perf_counter() - started)
         state.phase, state.detail = Phase.FAILED, f"{type(exc).__name__}: {exc}"
         raise
+    telemetry_metrics.record_model_load("success", time.perf_counter() - started)
     state.service.install(bundle)
     state.phase, state.detail = Phase.READY, None
     log.info("ready: model %s version %s", bundle.name, bundle.version)
@@ -46,6 +55,7 @@ def create_app(
 ) -> FastAPI:
     """The ASGI app. `on_fatal` is called if the model cannot be loaded (the CLI exits)."""
     settings = settings or Settings()
+    telemetry = setup_telemetry(settings)  # once per process; later apps share it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,6 +72,7 @@ def create_app(
             predictions=store,
         )
         app.state.rottenbot = state
+        telemetry_metrics.bind_state(state)
         service.start()
         loading = asyncio.create_task(load_model(state))
         loading.add_done_callback(lambda task: _report(task, on_fatal))
@@ -73,6 +84,8 @@ def create_app(
             await service.stop()
             await store.stop()  # drains for OUTBOX_SHUTDOWN_GRACE_S; the rest stays durable
             await blocklist.close()
+            telemetry_metrics.unbind_state(state)
+            await asyncio.to_thread(telemetry.flush)  # bounded, even if the collector is down
 
     app = FastAPI(
         title="RottenBot inference service",
@@ -82,15 +95,19 @@ def create_app(
         redoc_url="/api/v1/redoc",
         openapi_url="/api/v1/openapi.json",
         lifespan=lifespan,
+        **fastapi_options(),  # our middleware traces and measures requests, not FastAPI's own
     )
     app.add_middleware(
         BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD
     )
     install_error_handlers(app)
+    # Added last: outermost, so it also times and counts the body-size limit's early 413s.
+    app.add_middleware(TelemetryMiddleware, access_log_enabled=settings.access_log)
     app.include_router(predict.router)
     app.include_router(model.router)
     app.include_router(predictions.router)
     app.include_router(health.router)
+    app.include_router(telemetry_metrics.router)
     return app
 
 

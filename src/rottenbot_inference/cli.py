@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import uuid
 from pathlib import Path
@@ -13,11 +12,20 @@ import click
 from rottenbot_inference.settings import Settings
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(settings: Settings) -> None:
+    """JSON lines with trace ids (text on a terminal or with LOG_FORMAT=text); see telemetry."""
+    from rottenbot_inference.telemetry import configure_logging
+
+    configure_logging(settings)
+
+
+def worker_app() -> object:
+    """The app of one uvicorn worker process (`--workers` > 1): logging first, then the app."""
+    from rottenbot_inference.app import create_app
+
+    settings = Settings()
+    _configure_logging(settings)
+    return create_app(settings)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,7 +47,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
     overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v}
     settings = Settings(**overrides)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     common = {
         "host": settings.host,
         "port": settings.port,
@@ -55,7 +63,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     }
     if settings.workers > 1:
         uvicorn.run(
-            "rottenbot_inference.app:create_app",
+            "rottenbot_inference.cli:worker_app",
             factory=True,
             workers=settings.workers,
             **common,
@@ -88,7 +96,7 @@ def predict(images: tuple[str, ...], model_path: str | None, top_k: int, as_json
     from rottenbot_inference.inference.service import rank
 
     settings = Settings(**({"model_path": Path(model_path)} if model_path else {}))
-    _configure_logging("warning")
+    _configure_logging(settings.model_copy(update={"log_level": "warning"}))
     bundle = ModelLoader(settings).load(source_from_settings(settings))
     preprocessor = ImagePreprocessor(
         bundle.image_size, settings.max_image_pixels, settings.jpeg_dct_scaling

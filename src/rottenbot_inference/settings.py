@@ -154,6 +154,32 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     log_level: str = "info"
 
+    # --- telemetry (traces, metrics, logs; see docs/observability.md) --------------------
+    alloy_endpoint: str | None = Field(
+        None, description="OTLP gRPC endpoint of the collector, e.g. http://alloy:4317"
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, description="Standard OTLP endpoint (wins over ALLOY_ENDPOINT); unset: no export"
+    )
+    otel_exporter_otlp_protocol: Literal["grpc", "http/protobuf", "http/json"] | None = Field(
+        None, description="grpc (default) or http/protobuf"
+    )
+    otel_service_name: str = Field(
+        "inference_service", description="service.name resource and service_name metric label"
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto: JSON unless stderr is a terminal"
+    )
+    access_log: bool = Field(True, description="One log line per HTTP request")
+
+    @field_validator(
+        "alloy_endpoint", "otel_exporter_otlp_endpoint", "otel_exporter_otlp_protocol",
+        mode="before",
+    )
+    @classmethod
+    def _empty_telemetry_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @property
     def cache_dir(self) -> Path:
         """Where converted models are cached."""
@@ -174,4 +200,5 @@ class Settings(BaseSettings):
 
     @property
     def uses_dev_secret(self) -> bool:
-        return self.jwt_secret.get_secret_value() == DEV_JWT_SECRET
+        symmetric = self.jwt_algorithm.upper().startswith("HS")
+        return symmetric and self.jwt_secret.get_secret_value() == DEV_JWT_SECRET

@@ -13,6 +13,8 @@ from rottenbot_inference.api.state import AppState, Phase, get_state
 from rottenbot_inference.auth.blocklist import BlocklistUnavailable
 from rottenbot_inference.auth.keys import KeysUnavailable
 from rottenbot_inference.auth.tokens import AuthError, Principal
+from rottenbot_inference.telemetry import traced
+from rottenbot_inference.telemetry.metrics import record_rejection
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +56,27 @@ async def current_user(
     the revocation store cannot be had, a 503 with Retry-After (fail closed).
     """
     token = bearer_token(request)
-    try:
-        principal = await state.verifier.verify_async(token)
-    except AuthError as exc:
-        log.debug("token refused: %s", exc)
-        raise _unauthorized(str(exc)) from None
-    except KeysUnavailable:
-        raise ServiceUnavailable(UNAVAILABLE_KEYS) from None
-    try:
-        revoked = await state.blocklist.is_revoked(principal.jti)
-    except BlocklistUnavailable:
-        raise ServiceUnavailable(UNAVAILABLE_REVOCATION) from None
+    # Spans carry the outcome and the user id, never the token.
+    with traced("verify_token") as span:
+        try:
+            principal = await state.verifier.verify_async(token)
+        except AuthError as exc:
+            log.debug("token refused: %s", exc)
+            span.set_attribute("auth.result", "refused")
+            raise _unauthorized(str(exc)) from None
+        except KeysUnavailable:
+            record_rejection("auth_keys_unavailable")
+            raise ServiceUnavailable(UNAVAILABLE_KEYS) from None
+        user_id = str(principal.user_uid)
+        span.set_attributes({"auth.result": "valid", "enduser.id": user_id})
+    request.state.user_id = user_id  # the access log and the request span report it
+    with traced("check_revocation") as span:
+        try:
+            revoked = await state.blocklist.is_revoked(principal.jti)
+        except BlocklistUnavailable:
+            record_rejection("revocation_unavailable")
+            raise ServiceUnavailable(UNAVAILABLE_REVOCATION) from None
+        span.set_attribute("auth.revoked", revoked)
     if revoked:
         log.debug("token refused: revoked (user %s)", principal.user_uid)
         raise _unauthorized("Token has been revoked")
@@ -74,6 +86,7 @@ async def current_user(
 def ready_state(state: Annotated[AppState, Depends(get_state)]) -> AppState:
     """The state, once a model is serving; 503 before that and while shutting down."""
     if state.phase is not Phase.READY:
+        record_rejection("not_ready")
         raise ServiceUnavailable(f"The model is not ready ({state.phase.value}).")
     return state
 

@@ -15,11 +15,19 @@ from rottenbot_inference.inference.batcher import BatcherClosed, DeadlineExceede
 from rottenbot_inference.inference.images import ImageError, check_declared_type
 from rottenbot_inference.storage.records import STORED_TOP_K
 from rottenbot_inference.storage.service import StorageUnavailable
+from rottenbot_inference.telemetry import traced
+from rottenbot_inference.telemetry.metrics import record_rejection
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/inference", tags=["inference"])
 
 _EXPECTED = (ImageError, QueueFull, DeadlineExceeded, BatcherClosed, ServiceUnavailable)
+_REJECTIONS = (
+    (QueueFull, "queue_full"),
+    (DeadlineExceeded, "deadline_exceeded"),
+    (BatcherClosed, "shutting_down"),
+    (ServiceUnavailable, "unavailable"),
+)
 
 
 @router.post(
@@ -56,11 +64,30 @@ async def predict(
     limit = state.settings.max_upload_bytes
     if file.size is not None and file.size > limit:
         raise PayloadTooLarge(f"The file exceeds the {limit} byte upload limit.")
-    data = await file.read()
+    with traced("read_image_contents") as span:
+        data = await file.read()
+        if span.is_recording():
+            span.set_attributes(
+                {"image.bytes": len(data), "image.content_type": file.content_type or ""}
+            )
     ranked_k = max(top_k or 1, STORED_TOP_K if save_prediction else 1)
     try:
-        result = await state.service.classify(data, top_k=ranked_k)
-    except _EXPECTED:
+        with traced("model_prediction") as span:
+            result = await state.service.classify(data, top_k=ranked_k)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "model.version": result.model_version,
+                        "prediction.class": result.best.index,
+                        "prediction.class_name": result.best.name,
+                        "prediction.confidence": result.best.confidence,
+                    }
+                )
+    except _EXPECTED as exc:
+        for kind, reason in _REJECTIONS:
+            if isinstance(exc, kind):
+                record_rejection(reason)
+                break
         raise
     except Exception:
         log.exception("prediction failed for user %s", user.user_uid)
@@ -70,10 +97,12 @@ async def predict(
         # Saved under the token's user (never the query parameter). Returns once the save is
         # durable in the local outbox; S3 and the database are written in the background.
         if state.predictions is None:
+            record_rejection("storage_unavailable")
             raise ServiceUnavailable("Saving predictions is not available right now.")
         try:
             prediction_uid = await state.predictions.save(user.user_uid, result, data)
         except StorageUnavailable as exc:
+            record_rejection("storage_unavailable")
             raise ServiceUnavailable(exc.detail) from None
     best = result.best
     return PredictionOut(

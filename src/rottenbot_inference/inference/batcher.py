@@ -14,10 +14,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from opentelemetry.trace import Link, SpanContext
 
 from rottenbot_inference.inference.bundle import ModelBundle
+from rottenbot_inference.telemetry import current_span_context, tracer
+from rottenbot_inference.telemetry import metrics as telemetry_metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class BatchResult:
     queue_ms: float
     compute_ms: float
     batch_size: int
+    batch_span: SpanContext | None = None  # the `batch` span that ran it (when traced)
 
 
 @dataclass(slots=True)
@@ -51,6 +56,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     enqueued: float
     deadline: float
+    span_context: SpanContext | None = None  # the requester's span; the batch span links it
 
 
 _STOP = object()
@@ -93,7 +99,10 @@ class Batcher:
             raise BatcherClosed("the service is shutting down")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        job = _Job(pixels, bundle, loop.create_future(), loop, now, now + timeout_s)
+        job = _Job(
+            pixels, bundle, loop.create_future(), loop, now, now + timeout_s,
+            current_span_context(),
+        )
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -164,6 +173,7 @@ class Batcher:
             return
         self.in_flight = len(batch)
         started = time.monotonic()
+        started_ns = time.time_ns()
         try:
             pixels = np.stack([job.pixels for job in batch])
             probabilities = batch[0].bundle.predict(pixels)
@@ -176,12 +186,43 @@ class Batcher:
             self.in_flight = 0
         finished = time.monotonic()
         compute_ms = (finished - started) * 1000
-        for row, job in zip(probabilities, batch, strict=True):
+        queue_ms = [(started - job.enqueued) * 1000 for job in batch]
+        span = self._batch_span(batch, queue_ms, started_ns)
+        span_context = None if span is None else span.get_span_context()
+        for row, job, waited in zip(probabilities, batch, queue_ms, strict=True):
             result = BatchResult(
                 probabilities=row,
                 bundle=job.bundle,
-                queue_ms=(started - job.enqueued) * 1000,
+                queue_ms=waited,
                 compute_ms=compute_ms,
                 batch_size=len(batch),
+                batch_span=span_context,
             )
             job.loop.call_soon_threadsafe(_resolve, job.future, result)
+        # Telemetry after the answers are on their way.
+        if span is not None:
+            span.end(end_time=started_ns + int((finished - started) * 1e9))
+        telemetry_metrics.record_batch(compute_ms, len(batch), queue_ms)
+
+    @staticmethod
+    def _batch_span(batch: list[_Job], queue_ms: list[float], started_ns: int) -> Any:
+        """A `batch` span for the model execution, linked to each traced request's span."""
+        links = [
+            Link(job.span_context, {"queue_ms": waited})
+            for job, waited in zip(batch, queue_ms, strict=True)
+            if job.span_context is not None
+        ]
+        if not links:
+            return None
+        bundle = batch[0].bundle
+        return tracer.start_span(
+            "batch",
+            links=links,
+            start_time=started_ns,
+            attributes={
+                "batch.size": len(batch),
+                "batch.queue_ms.max": max(queue_ms),
+                "model.name": bundle.name,
+                "model.version": bundle.version,
+            },
+        )

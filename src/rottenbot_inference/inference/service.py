@@ -17,6 +17,8 @@ from rottenbot_inference.inference.batcher import Batcher, BatchResult
 from rottenbot_inference.inference.bundle import ModelBundle
 from rottenbot_inference.inference.images import ImagePreprocessor, PreparedImage
 from rottenbot_inference.settings import Settings
+from rottenbot_inference.telemetry import metrics as telemetry_metrics
+from rottenbot_inference.telemetry import traced
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ class InferenceService:
             dct_scaling=self.settings.jpeg_dct_scaling,
         )
         self._bundle = bundle
+        telemetry_metrics.record_model_swap(bundle.version)
 
     def start(self) -> None:
         self.batcher.start()
@@ -94,13 +97,36 @@ class InferenceService:
             raise RuntimeError("no model is loaded yet")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self._pool, preprocessor.prepare, data)
+        with traced("preprocess_image") as span:
+            image = await loop.run_in_executor(self._pool, _prepare, preprocessor, data)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "image.format": image.format.value,
+                        "image.width": image.width,
+                        "image.height": image.height,
+                        "image.bytes": len(data),
+                    }
+                )
         decoded = time.perf_counter()
-        result: BatchResult = await self.batcher.predict(
-            image.pixels, bundle, timeout_s=self.settings.request_timeout_s
-        )
+        with traced("get_prediction", {"model.version": bundle.version}) as span:
+            result: BatchResult = await self.batcher.predict(
+                image.pixels, bundle, timeout_s=self.settings.request_timeout_s
+            )
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "queue_ms": result.queue_ms,
+                        "compute_ms": result.compute_ms,
+                        "batch.size": result.batch_size,
+                    }
+                )
+                if result.batch_span is not None:
+                    span.add_link(result.batch_span)
+        ranked = rank(result.probabilities, bundle.class_names, top_k)
+        telemetry_metrics.record_prediction(ranked[0].name, bundle.version, ranked[0].confidence)
         return Classification(
-            ranked=rank(result.probabilities, bundle.class_names, top_k),
+            ranked=ranked,
             model_name=bundle.name,
             model_version=bundle.version,
             image=image,
@@ -111,3 +137,11 @@ class InferenceService:
                 "batch_size": result.batch_size,
             },
         )
+
+
+def _prepare(preprocessor: ImagePreprocessor, data: bytes) -> PreparedImage:
+    """Decode + resize (in the pool), timing the work itself rather than the wait for a thread."""
+    started = time.perf_counter()
+    image = preprocessor.prepare(data)
+    telemetry_metrics.record_decode((time.perf_counter() - started) * 1000, image.format.value)
+    return image

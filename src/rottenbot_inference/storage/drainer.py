@@ -28,7 +28,7 @@ from concurrent.futures import Executor
 from rottenbot_inference.storage.db import PredictionRepository
 from rottenbot_inference.storage.images import ImageStore
 from rottenbot_inference.storage.outbox import Entry, Outbox
-from rottenbot_inference.storage.tracing import span
+from rottenbot_inference.telemetry import SpanContext, traced
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class Drainer:
         self._resume_at = 0.0  # monotonic; the global backoff while a dependency is down
         self._bucket_ready = False
         self._uploaded: set[uuid.UUID] = set()  # uploaded, row not yet inserted (skip re-upload)
+        # The span of the request that saved each item: drain spans link to it. In memory only
+        # (bounded by the outbox): items resumed after a restart are drained without a link.
+        self._request_spans: dict[uuid.UUID, SpanContext] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -88,6 +91,12 @@ class Drainer:
     def forget(self, uid: uuid.UUID) -> None:
         """The item was discarded (a user's delete): drop what we remember about it."""
         self._uploaded.discard(uid)
+        self._request_spans.pop(uid, None)
+
+    def remember_request(self, uid: uuid.UUID, span_context: SpanContext | None) -> None:
+        """The span of the request that saved `uid` (its drain spans will link to it)."""
+        if span_context is not None:
+            self._request_spans[uid] = span_context
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-drainer")
@@ -184,7 +193,12 @@ class Drainer:
                 return entry
             async with gate:
                 try:
-                    with span("save_image_s3", prediction_uid=str(entry.uid), bytes=len(data)):
+                    request_span = self._request_spans.get(entry.uid)
+                    with traced(
+                        "save_image_s3",
+                        {"prediction.uid": str(entry.uid), "image.bytes": len(data)},
+                        links=(request_span,) if request_span else (),
+                    ):
                         await loop.run_in_executor(
                             self.executor,
                             self.images.put,
@@ -207,7 +221,8 @@ class Drainer:
         try:
             if self.ensure_schema is not None:
                 await self.ensure_schema()
-            with span("save_prediction_db", rows=len(uploaded)):
+            links = [s for e in uploaded if (s := self._request_spans.get(e.uid))]
+            with traced("save_prediction_db", {"db.rows": len(uploaded)}, links=links):
                 await self.repository.insert_many([e.record for e in uploaded])
         except Exception as exc:
             self._failed(uploaded, f"database: {exc}")
@@ -215,6 +230,8 @@ class Drainer:
         uids = [e.uid for e in uploaded]
         await self.outbox.remove(uids)
         self._uploaded.difference_update(uids)
+        for uid in uids:
+            self._request_spans.pop(uid, None)
         self.drained += len(uids)
         if failed:
             return

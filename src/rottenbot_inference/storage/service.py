@@ -42,6 +42,7 @@ from rottenbot_inference.storage.images import (
 from rottenbot_inference.storage.outbox import Outbox, OutboxError, OutboxFull
 from rottenbot_inference.storage.records import STORED_TOP_K, PredictionRecord, object_key
 from rottenbot_inference.storage.tracing import span
+from rottenbot_inference.telemetry.tracing import current_span_context
 
 if TYPE_CHECKING:
     from rottenbot_inference.inference.service import Classification
@@ -219,13 +220,17 @@ class PredictionStore:
                 for s in result.ranked[:STORED_TOP_K]
             ],
         )
+        # The request's span, for the drainer's spans to link to (the save outlives the request).
+        self.drainer.remember_request(uid, current_span_context())
         try:
             with span("save_prediction_outbox", bytes=len(image)):
                 await self.outbox.add(record, image)
         except OutboxFull as exc:
+            self.drainer.forget(uid)
             log.warning("outbox full (%d pending): refusing a save", self.outbox.backlog)
             raise StorageUnavailable(str(exc)) from exc
         except OutboxError as exc:
+            self.drainer.forget(uid)
             raise StorageUnavailable(str(exc)) from exc
         return uid
 

@@ -1,0 +1,293 @@
+"""Metrics: one set of OpenTelemetry instruments, exported over OTLP and scraped at /metrics.
+
+The instruments are created once from the global meter (proxies until the SDK is set up, so
+recording before that is a no-op). The Prometheus exposition of the same instruments comes from
+the SDK's PrometheusMetricReader, so names are identical on both paths: instrument names
+already carry their unit and `_total` suffixes, which the Prometheus translation keeps as they
+are (`inference_api_duration_milliseconds` with unit `ms` stays as it is).
+
+Every data point carries `service_name` (the existing Grafana dashboard filters on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+if TYPE_CHECKING:
+    from rottenbot_inference.api.state import AppState
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "inference_service"  # replaced by OTEL_SERVICE_NAME at setup
+
+# Fine enough for a p99 anywhere between 1 ms and 10 s, finest around 10-100 ms.
+LATENCY_BUCKETS_MS = (
+    1, 2.5, 5, 7.5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 150, 200, 300, 500, 750, 1000,
+    2500, 5000, 10000,
+)
+STAGE_BUCKETS_MS = (
+    0.25, 0.5, 1, 2, 3, 4, 5, 6, 8, 10, 12.5, 15, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500,
+    1000, 2500, 10000,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+LOAD_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+_meter = metrics.get_meter("rottenbot_inference")
+
+# --- HTTP API (names and labels the existing dashboard queries) ------------------------------
+api_requests = _meter.create_counter(
+    "inference_api_requests_total", unit="1",
+    description="HTTP requests answered, by endpoint, method and status",
+)
+api_duration = _meter.create_histogram(
+    "inference_api_duration_milliseconds", unit="ms",
+    description="HTTP request duration, from the first byte in to the last byte out",
+    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+)
+api_in_flight = _meter.create_up_down_counter(
+    "inference_api_requests_in_flight", unit="{request}",
+    description="HTTP requests being handled now",
+)
+rejected = _meter.create_counter(
+    "inference_rejected_requests_total", unit="1",
+    description="Requests answered 503, by reason (queue_full, deadline_exceeded, not_ready, ...)",
+)
+
+# --- serving ------------------------------------------------------------------------------
+queue_duration = _meter.create_histogram(
+    "inference_queue_duration_milliseconds", unit="ms",
+    description="Time an image waited in the batcher queue before its batch ran",
+    explicit_bucket_boundaries_advisory=STAGE_BUCKETS_MS,
+)
+compute_duration = _meter.create_histogram(
+    "inference_compute_duration_milliseconds", unit="ms",
+    description="Model execution time of one batch",
+    explicit_bucket_boundaries_advisory=STAGE_BUCKETS_MS,
+)
+batch_size = _meter.create_histogram(
+    "inference_batch_size", unit="{image}",
+    description="Images per model execution",
+    explicit_bucket_boundaries_advisory=BATCH_SIZE_BUCKETS,
+)
+decode_duration = _meter.create_histogram(
+    "inference_image_decode_duration_milliseconds", unit="ms",
+    description="Image decode + resize time (in the preprocessing pool), by format",
+    explicit_bucket_boundaries_advisory=STAGE_BUCKETS_MS,
+)
+model_loads = _meter.create_counter(
+    "inference_model_loads_total", unit="1",
+    description="Model loads, by outcome (success, failure)",
+)
+model_load_duration = _meter.create_histogram(
+    "inference_model_load_duration_seconds", unit="s",
+    description="Time to load (convert if needed) and warm up a model",
+    explicit_bucket_boundaries_advisory=LOAD_BUCKETS_S,
+)
+model_swaps = _meter.create_counter(
+    "inference_model_swaps_total", unit="1",
+    description="Models installed for serving (the first load and every reload)",
+)
+
+# --- model quality (drift) ------------------------------------------------------------------
+predictions = _meter.create_counter(
+    "inference_predictions_total", unit="1",
+    description="Predictions served, by predicted class and model version",
+)
+confidence = _meter.create_histogram(
+    "inference_prediction_confidence", unit="1",
+    description="Confidence of the predicted class, by class and model version",
+    explicit_bucket_boundaries_advisory=CONFIDENCE_BUCKETS,
+)
+
+
+# --- observed state (gauges read at collection time) ---------------------------------------
+_state: weakref.ref[AppState] | None = None
+
+
+def bind_state(state: AppState) -> None:
+    """Observe this app's batcher, outbox and model (the last app bound wins)."""
+    global _state
+    _state = weakref.ref(state)
+
+
+def unbind_state(state: AppState) -> None:
+    global _state
+    if _state is not None and _state() is state:
+        _state = None
+
+
+def _bound() -> AppState | None:
+    return None if _state is None else _state()
+
+
+def _observe(read: Any) -> Any:
+    """A callback yielding `read(state)`'s observations; never raises into the SDK."""
+
+    def callback(_: CallbackOptions) -> Iterable[Observation]:
+        state = _bound()
+        if state is None:
+            return []
+        try:
+            return list(read(state))
+        except Exception:  # a half-started or stopping app: skip this collection
+            log.debug("metrics callback failed", exc_info=True)
+            return []
+
+    return callback
+
+
+def _labels(**extra: str) -> dict[str, str]:
+    return {"service_name": SERVICE_NAME, **extra}
+
+
+def _queued(state: AppState) -> Iterable[Observation]:
+    yield Observation(state.service.batcher.queued, _labels())
+
+
+def _executing(state: AppState) -> Iterable[Observation]:
+    yield Observation(state.service.batcher.in_flight, _labels())
+
+
+def _model_info(state: AppState) -> Iterable[Observation]:
+    bundle = state.service.bundle
+    if bundle is not None:
+        yield Observation(
+            1,
+            _labels(
+                model_name=bundle.name, model_version=bundle.version,
+                runtime=bundle.runtime.name,
+            ),
+        )
+
+
+def _backlog(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        yield Observation(state.predictions.backlog, _labels())
+
+
+def _oldest(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        yield Observation(state.predictions.oldest_pending_age_s, _labels())
+
+
+def _drained(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        yield Observation(state.predictions.drainer.drained, _labels())
+
+
+def _drain_failures(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        yield Observation(state.predictions.drainer.failures, _labels())
+
+
+_meter.create_observable_gauge(
+    "inference_batcher_queue_size", [_observe(_queued)], unit="{image}",
+    description="Images waiting in the batcher queue",
+)
+_meter.create_observable_gauge(
+    "inference_batcher_executing", [_observe(_executing)], unit="{image}",
+    description="Images in the batch the model is running now",
+)
+_meter.create_observable_gauge(
+    "inference_model_info", [_observe(_model_info)], unit="1",
+    description="The model serving now (value 1; name, version and runtime as labels)",
+)
+_meter.create_observable_gauge(
+    "inference_outbox_backlog", [_observe(_backlog)], unit="{item}",
+    description="Saved predictions durable in the outbox, not yet in the database",
+)
+_meter.create_observable_gauge(
+    "inference_outbox_oldest_age_seconds", [_observe(_oldest)], unit="s",
+    description="Age of the oldest saved prediction still in the outbox (0 when empty)",
+)
+_meter.create_observable_counter(
+    "inference_outbox_drained_total", [_observe(_drained)], unit="1",
+    description="Saved predictions moved from the outbox to the image store and database",
+)
+_meter.create_observable_counter(
+    "inference_outbox_failures_total", [_observe(_drain_failures)], unit="1",
+    description="Failed attempts to store an outbox item (retried with backoff)",
+)
+
+
+# --- recording helpers for the hot path -----------------------------------------------------
+_api_labels: dict[tuple[str, str, int], dict[str, str]] = {}
+_in_flight_labels: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def api_labels(endpoint: str, method: str, status: int) -> dict[str, str]:
+    key = (endpoint, method, status)
+    labels = _api_labels.get(key)
+    if labels is None:
+        labels = _labels(endpoint=endpoint, method=method, status=str(status))
+        if len(_api_labels) < 1000:  # endpoints are route templates: a bounded set
+            _api_labels[key] = labels
+    return labels
+
+
+def in_flight_labels(method: str) -> dict[str, str]:
+    labels = _in_flight_labels.get((method, ""))
+    if labels is None:
+        labels = _labels(method=method)
+        if len(_in_flight_labels) < 100:
+            _in_flight_labels[(method, "")] = labels
+    return labels
+
+
+def record_rejection(reason: str) -> None:
+    """A request answered 503, and why (queue_full, deadline_exceeded, not_ready, ...)."""
+    rejected.add(1, _labels(reason=reason))
+
+
+def record_prediction(class_name: str, model_version: str, top_confidence: float) -> None:
+    labels = _labels(class_name=class_name, model_version=model_version)
+    predictions.add(1, labels)
+    confidence.record(top_confidence, labels)
+
+
+def record_batch(compute_ms: float, size: int, queue_ms: Iterable[float]) -> None:
+    labels = _labels()
+    compute_duration.record(compute_ms, labels)
+    batch_size.record(size, labels)
+    for waited in queue_ms:
+        queue_duration.record(waited, labels)
+
+
+def record_decode(milliseconds: float, image_format: str) -> None:
+    decode_duration.record(milliseconds, _labels(format=image_format))
+
+
+def record_model_load(outcome: str, seconds: float | None = None) -> None:
+    model_loads.add(1, _labels(outcome=outcome))
+    if seconds is not None:
+        model_load_duration.record(seconds, _labels(outcome=outcome))
+
+
+def record_model_swap(model_version: str) -> None:
+    model_swaps.add(1, _labels(model_version=model_version))
+
+
+# --- GET /metrics ---------------------------------------------------------------------------
+router = APIRouter(tags=["observability"])
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+def prometheus_metrics() -> Response:
+    # A plain def: FastAPI runs it in the thread pool, so a collection never blocks the loop.
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
