@@ -30,16 +30,18 @@ SERVICE_NAME = "inference_service"  # replaced by OTEL_SERVICE_NAME at setup
 
 # Fine enough for a p99 anywhere between 1 ms and 10 s, finest around 10-100 ms.
 LATENCY_BUCKETS_MS = (
-    1, 2.5, 5, 7.5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 150, 200, 300, 500, 750, 1000,
-    2500, 5000, 10000,
+    1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 75.0, 100.0, 150.0,
+    200.0, 300.0, 500.0, 750.0, 1000.0, 2500.0, 5000.0, 10000.0,
 )
 STAGE_BUCKETS_MS = (
-    0.25, 0.5, 1, 2, 3, 4, 5, 6, 8, 10, 12.5, 15, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500,
-    1000, 2500, 10000,
+    0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.5, 15.0, 20.0, 25.0, 30.0, 40.0,
+    50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
 )
-BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+BATCH_SIZE_BUCKETS = (
+    1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0,
+)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
-LOAD_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+LOAD_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 _meter = metrics.get_meter("rottenbot_inference")
 
@@ -110,23 +112,25 @@ confidence = _meter.create_histogram(
 
 
 # --- observed state (gauges read at collection time) ---------------------------------------
-_state: weakref.ref[AppState] | None = None
+# One app per process in production; tests run several: the latest one still running is observed.
+_states: list[weakref.ref[AppState]] = []
 
 
 def bind_state(state: AppState) -> None:
-    """Observe this app's batcher, outbox and model (the last app bound wins)."""
-    global _state
-    _state = weakref.ref(state)
+    """Observe this app's batcher, outbox and model (from its start to its shutdown)."""
+    _states.append(weakref.ref(state))
 
 
 def unbind_state(state: AppState) -> None:
-    global _state
-    if _state is not None and _state() is state:
-        _state = None
+    _states[:] = [ref for ref in _states if ref() is not None and ref() is not state]
 
 
 def _bound() -> AppState | None:
-    return None if _state is None else _state()
+    for ref in reversed(_states):
+        state = ref()
+        if state is not None:
+            return state
+    return None
 
 
 def _observe(read: Any) -> Any:

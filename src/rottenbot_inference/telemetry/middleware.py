@@ -145,8 +145,8 @@ class TelemetryMiddleware:
             user_id = state.get("user_id")
             if span is not None:
                 self._finish_span(span, method, route_path, status, user_id, error)
-            if self.access_log_enabled:  # inside the span: the line carries its trace id
-                self._log(quiet, method, path, endpoint, status, duration_ms, user_id)
+            if self.access_log_enabled:
+                self._log(quiet, method, path, endpoint, status, duration_ms, user_id, span)
             if span is not None:
                 otel_context.detach(token)
                 span.end()
@@ -174,7 +174,7 @@ class TelemetryMiddleware:
     @staticmethod
     def _log(
         quiet: bool, method: str, path: str, endpoint: str, status: int, duration_ms: float,
-        user_id: str | None,
+        user_id: str | None, span: Any,
     ) -> None:
         level = logging.DEBUG if quiet and status < 400 else logging.INFO
         if not access_log.isEnabledFor(level):
@@ -188,7 +188,10 @@ class TelemetryMiddleware:
         }
         if user_id is not None:
             fields["user_id"] = user_id
-        access_log.log(
-            level, "%s %s %d %.1f ms", method, path, status, duration_ms, extra={"fields": fields}
-        )
+        extra: dict[str, Any] = {"fields": fields}
+        context = span.get_span_context() if span is not None else None
+        if context is not None and context.is_valid:  # the request's trace, even unsampled
+            extra["trace_id"] = format(context.trace_id, "032x")
+            extra["span_id"] = format(context.span_id, "016x")
+        access_log.log(level, "%s %s %d %.1f ms", method, path, status, duration_ms, extra=extra)
 

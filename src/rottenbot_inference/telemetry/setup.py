@@ -147,21 +147,17 @@ def _setup(settings: Settings) -> Telemetry:
 
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     if "traces" in targets:
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        exporter = _span_exporter(targets["traces"])
-        telemetry.exporters.append(exporter)
-        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        processor = _exporting(telemetry, "traces", _span_processor)
+        if processor is not None:
+            tracer_provider.add_span_processor(processor)
     trace.set_tracer_provider(tracer_provider)
     telemetry.tracer_provider = tracer_provider
 
     readers: list[Any] = [PrometheusMetricReader(scope_info_enabled=False)]
     if "metrics" in targets:
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-        metric_exporter = _metric_exporter(targets["metrics"])
-        telemetry.exporters.append(metric_exporter)
-        readers.append(PeriodicExportingMetricReader(metric_exporter))
+        reader = _exporting(telemetry, "metrics", _metric_reader)
+        if reader is not None:
+            readers.append(reader)
     meter_provider = MeterProvider(
         metric_readers=readers, resource=resource, shutdown_on_exit=False
     )
@@ -171,23 +167,59 @@ def _setup(settings: Settings) -> Telemetry:
     if "logs" in targets:
         from opentelemetry._logs import set_logger_provider
         from opentelemetry.sdk._logs import LoggerProvider
-        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
         logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
-        log_exporter = _log_exporter(targets["logs"])
-        telemetry.exporters.append(log_exporter)
-        logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
-        set_logger_provider(logger_provider)
-        telemetry.logger_provider = logger_provider
-        telemetry.log_handler = OtlpLogHandler(logger_provider)
-        logging.getLogger().addHandler(telemetry.log_handler)
+        log_processor = _exporting(telemetry, "logs", _log_processor)
+        if log_processor is not None:
+            logger_provider.add_log_record_processor(log_processor)
+            set_logger_provider(logger_provider)
+            telemetry.logger_provider = logger_provider
+            telemetry.log_handler = OtlpLogHandler(logger_provider)
+            logging.getLogger().addHandler(telemetry.log_handler)
 
-    if targets:
+    if telemetry.targets:
         log.info(
             "telemetry: exporting %s",
-            ", ".join(f"{t.signal} to {t.endpoint} ({t.protocol})" for t in targets.values()),
+            ", ".join(
+                f"{t.signal} to {t.endpoint} ({t.protocol})" for t in telemetry.targets.values()
+            ),
         )
     return telemetry
+
+
+def _exporting(telemetry: Telemetry, signal: Signal, build: Any) -> Any:
+    """`build(target)` -> (exporter, processor or reader); a bad OTEL_* value is logged and that
+    signal is not exported: telemetry never keeps the service from starting."""
+    target = telemetry.targets[signal]
+    try:
+        exporter, component = build(target)
+    except Exception as exc:
+        log.error("telemetry: %s are NOT exported to %s: %s", signal, target.endpoint, exc)
+        del telemetry.targets[signal]
+        return None
+    telemetry.exporters.append(exporter)
+    return component
+
+
+def _span_processor(target: OtlpTarget) -> tuple[Any, Any]:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    exporter = _span_exporter(target)
+    return exporter, BatchSpanProcessor(exporter)  # bounded queue: OTEL_BSP_MAX_QUEUE_SIZE
+
+
+def _metric_reader(target: OtlpTarget) -> tuple[Any, Any]:
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    exporter = _metric_exporter(target)
+    return exporter, PeriodicExportingMetricReader(exporter)  # OTEL_METRIC_EXPORT_INTERVAL
+
+
+def _log_processor(target: OtlpTarget) -> tuple[Any, Any]:
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    exporter = _log_exporter(target)
+    return exporter, BatchLogRecordProcessor(exporter)  # bounded queue: OTEL_BLRP_MAX_QUEUE_SIZE
 
 
 def _span_exporter(target: OtlpTarget) -> Any:
