@@ -77,16 +77,18 @@ def bucket(moto_s3: MotoS3Server) -> str:
 def storage_overrides(
     postgres: PostgresServer, database: str, moto_s3: MotoS3Server, bucket: str, **extra: object
 ) -> dict[str, object]:
-    """Settings of a service using these servers; short timeouts so outages show quickly."""
+    """Settings of a service using these servers. Timeouts are short enough for outages to show
+    within seconds, long enough for a loaded 2-core machine (the request path's S3 calls for
+    image/delete use them too)."""
     return {
         "database_url": postgres.url(database),
         "local_s3_proxy_service_url": moto_s3.url,
         "minio_root_user": moto_s3.access_key,
         "minio_root_password": moto_s3.secret_key,
         "s3_bucket": bucket,
-        "s3_timeout_s": 1.0,
-        "s3_max_attempts": 1,
-        "database_timeout_s": 2.0,
+        "s3_timeout_s": 3.0,
+        "s3_max_attempts": 2,
+        "database_timeout_s": 5.0,
         "outbox_retry_base_s": 0.1,
         "outbox_retry_max_s": 1.0,
         "outbox_shutdown_grace_s": 1.0,
@@ -239,7 +241,9 @@ def test_s3_hung_then_back_every_acknowledged_save_arrives_and_full_outbox_is_50
 ) -> None:
     count = 8
     client = make_client(
-        **storage_overrides(postgres, database, moto_s3, bucket, outbox_max_items=count)
+        **storage_overrides(
+            postgres, database, moto_s3, bucket, outbox_max_items=count, s3_max_attempts=1
+        )
     )
     store = store_of(client)
     user = uuid.uuid4()
@@ -303,7 +307,9 @@ def test_shutdown_keeps_draining_for_the_grace_period(
 ) -> None:
     """Saves pending at shutdown are stored if storage comes back within the grace period."""
     client = make_client(
-        **storage_overrides(postgres, database, moto_s3, bucket, outbox_shutdown_grace_s=60)
+        **storage_overrides(
+            postgres, database, moto_s3, bucket, outbox_shutdown_grace_s=60, s3_max_attempts=1
+        )
     )
     store = store_of(client)
     user = uuid.uuid4()
@@ -328,8 +334,11 @@ def test_shutdown_keeps_draining_for_the_grace_period(
 def _outbox_rows(data_dir: Path) -> int:
     total = 0
     for path in (data_dir / "outbox").glob("outbox-*.sqlite3"):
-        with sqlite3.connect(path) as conn:
+        conn = sqlite3.connect(path)
+        try:
             total += conn.execute("SELECT count(*) FROM items").fetchone()[0]
+        finally:
+            conn.close()
     return total
 
 
@@ -345,8 +354,7 @@ def test_kill_9_after_acknowledged_saves_loses_nothing_and_duplicates_nothing(
         "JWT_SECRET": TEST_SECRET,
         "DATABASE_URL": postgres.url(database),
         **moto_s3.env(bucket),
-        "S3_TIMEOUT_S": "1",
-        "S3_MAX_ATTEMPTS": "1",
+        "S3_TIMEOUT_S": "3",
         "OUTBOX_RETRY_MAX_S": "1",
     }
     service = ServiceProcess(env, tmp_path / "service.log")
