@@ -111,6 +111,8 @@ def _alembic_config(connection: Any) -> Any:
 def _upgrade(connection: Any) -> None:
     from alembic import command
 
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # 7 lines per start
+
     command.upgrade(_alembic_config(connection), "head")
 
 
