@@ -41,8 +41,7 @@ from rottenbot_inference.storage.images import (
 )
 from rottenbot_inference.storage.outbox import Outbox, OutboxError, OutboxFull
 from rottenbot_inference.storage.records import STORED_TOP_K, PredictionRecord, object_key
-from rottenbot_inference.storage.tracing import span
-from rottenbot_inference.telemetry.tracing import current_span_context
+from rottenbot_inference.telemetry.tracing import current_span_context, traced
 
 if TYPE_CHECKING:
     from rottenbot_inference.inference.service import Classification
@@ -223,7 +222,7 @@ class PredictionStore:
         # The request's span, for the drainer's spans to link to (the save outlives the request).
         self.drainer.remember_request(uid, current_span_context())
         try:
-            with span("save_prediction_outbox", bytes=len(image)):
+            with traced("save_prediction_outbox", {"image.bytes": len(image)}):
                 await self.outbox.add(record, image)
         except OutboxFull as exc:
             self.drainer.forget(uid)
