@@ -109,9 +109,8 @@ def _alembic_config(connection: Any) -> Any:
 
 
 def _upgrade(connection: Any) -> None:
-    from alembic import command
-
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # 7 lines per start
+    from alembic import command
 
     command.upgrade(_alembic_config(connection), "head")
 
