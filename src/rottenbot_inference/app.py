@@ -3,50 +3,69 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from rottenbot_inference import __version__
-from rottenbot_inference.api import health, model, predict, predictions
+from rottenbot_inference.api import admin, health, model, predict, predictions
 from rottenbot_inference.api.errors import install_error_handlers
 from rottenbot_inference.api.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
 from rottenbot_inference.api.state import AppState, Phase
 from rottenbot_inference.auth.blocklist import start_blocklist
 from rottenbot_inference.auth.tokens import build_verifier
-from rottenbot_inference.inference.loader import ModelLoader, source_from_settings
+from rottenbot_inference.inference.loader import ModelLoadError
+from rottenbot_inference.inference.reloader import ModelManager
 from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.storage.service import PredictionStore
 from rottenbot_inference.telemetry import TelemetryMiddleware, setup_telemetry, traced
-from rottenbot_inference.telemetry.middleware import fastapi_options
 from rottenbot_inference.telemetry import metrics as telemetry_metrics
+from rottenbot_inference.telemetry.middleware import fastapi_options
 
 log = logging.getLogger(__name__)
 
 
+def _sync_detail(state: AppState) -> None:
+    """Readiness detail follows the model manager (cached model served, version refused)."""
+    if state.phase is Phase.READY and state.models is not None:
+        state.detail = state.models.warning
+
+
 async def load_model(state: AppState) -> None:
-    """Load, warm up and install the configured model; readiness follows."""
-    settings = state.settings
-    started = time.perf_counter()
+    """Load, warm up and install the configured model; readiness follows. Then watch it.
+
+    An unreachable registry is retried with backoff until MODEL_LOAD_DEADLINE_S (readiness
+    says so meanwhile); see inference/reloader.py.
+    """
     try:
+        if state.models is None:
+            state.models = ModelManager(state.settings, state.service)
+        manager = state.models
+        manager.on_status = lambda: _sync_detail(state)
+
+        def progress(detail: str) -> None:
+            if state.phase is Phase.LOADING:
+                state.detail = detail
+
         with traced("load_model") as span:
-            loader = ModelLoader(settings)
-            bundle = await asyncio.to_thread(loader.load, source_from_settings(settings))
-            await asyncio.to_thread(bundle.warm_up, settings.max_batch_size)
+            bundle = await asyncio.to_thread(manager.load_initial, progress)
             span.set_attributes({"model.name": bundle.name, "model.version": bundle.version})
     except Exception as exc:
-        log.exception("the model could not be loaded")
-        telemetry_metrics.record_model_load("failure", time.perf_counter() - started)
+        if isinstance(exc, ModelLoadError):
+            log.error("the model could not be loaded: %s", exc)
+        else:
+            log.exception("the model could not be loaded")
+        telemetry_metrics.record_model_load("failure")
         state.phase, state.detail = Phase.FAILED, f"{type(exc).__name__}: {exc}"
         raise
-    telemetry_metrics.record_model_load("success", time.perf_counter() - started)
-    state.service.install(bundle)
-    state.phase, state.detail = Phase.READY, None
+    state.phase, state.detail = Phase.READY, manager.warning
     log.info("ready: model %s version %s", bundle.name, bundle.version)
+    manager.start_watching()
 
 
 def create_app(
@@ -76,11 +95,15 @@ def create_app(
         service.start()
         loading = asyncio.create_task(load_model(state))
         loading.add_done_callback(lambda task: _report(task, on_fatal))
+        hangup = _on_sighup(state)
         try:
             yield
         finally:
             state.phase = Phase.SHUTTING_DOWN
+            hangup()
             loading.cancel()
+            if state.models is not None:
+                await asyncio.to_thread(state.models.stop)
             await service.stop()
             await store.stop()  # drains for OUTBOX_SHUTDOWN_GRACE_S; the rest stays durable
             await blocklist.close()
@@ -107,8 +130,33 @@ def create_app(
     app.include_router(model.router)
     app.include_router(predictions.router)
     app.include_router(health.router)
+    if settings.admin_api_key is not None:  # unset: the admin endpoints do not exist (404)
+        app.include_router(admin.router)
     app.include_router(telemetry_metrics.router)
     return app
+
+
+def _on_sighup(state: AppState) -> Callable[[], None]:
+    """SIGHUP asks for a model reload (main-thread event loops only); returns the undo."""
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        if state.models is None or state.models.current is None:
+            log.warning("SIGHUP ignored: no model is loaded yet")
+            return
+        log.info("SIGHUP: checking the model source")
+        state.models.request_reload("signal")
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+        return lambda: None  # not the main thread (tests, some servers) or no SIGHUP here
+
+    def undo() -> None:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    return undo
 
 
 def _report(task: asyncio.Task[None], on_fatal: Callable[[BaseException], None] | None) -> None:

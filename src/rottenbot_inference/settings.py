@@ -46,6 +46,52 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Writable folder for caches and spools")
     model_cache_dir: Path | None = Field(None, description="Default: DATA_DIR/model-cache")
 
+    # --- MLflow / model registry (see docs/models.md) -----------------------------------
+    model_poll_interval_s: float = Field(
+        30.0, ge=0, description="How often an alias MODEL_URI is re-resolved (0: never poll)"
+    )
+    model_load_deadline_s: float = Field(
+        300.0, ge=0,
+        description="At start, retry an unreachable registry (with backoff) this long, then fail",
+    )
+    model_load_retry_max_s: float = Field(
+        30.0, gt=0, description="Longest wait between two start attempts"
+    )
+    mlflow_cache_dir: Path | None = Field(
+        None, description="Downloaded MLflow models; default DATA_DIR/mlflow-cache"
+    )
+    mlflow_cache_keep: int = Field(
+        3, ge=1, description="Downloaded versions kept besides the ones serving or last good"
+    )
+    mlflow_http_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of one MLflow HTTP request (MLFLOW_HTTP_REQUEST_TIMEOUT)"
+    )
+    mlflow_http_retries: int = Field(
+        1, ge=0, description="MLflow client retries per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES)"
+    )
+    model_convert_isolated: bool = Field(
+        True, description="Convert Keras models in a child process (TensorFlow never loads here)"
+    )
+    model_convert_timeout_s: float = Field(
+        900.0, gt=0, description="A conversion child running longer than this is killed"
+    )
+    model_reload_nice: int = Field(
+        10, ge=0, le=19, description="Niceness of background conversions (serving keeps the CPU)"
+    )
+    admin_api_key: SecretStr | None = Field(
+        None, description="Credential of /api/v1/admin/*; unset: the admin endpoints are off (404)"
+    )
+
+    @field_validator("model_uri", "mlflow_tracking_uri", "run_id", "admin_api_key", mode="before")
+    @classmethod
+    def _empty_registry_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def mlflow_cache(self) -> Path:
+        """Where downloaded MLflow models are kept (by registry version / run / URI)."""
+        return self.mlflow_cache_dir or self.data_dir / "mlflow-cache"
+
     # --- runtime and batching -----------------------------------------------------------
     inference_threads: int | None = Field(
         None, description="ONNX Runtime intra-op threads; default: the CPU quota"

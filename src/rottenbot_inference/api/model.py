@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
+from pydantic import Field
 
 from rottenbot_inference.api.deps import CurrentUser, ReadyState
 from rottenbot_inference.api.schemas import ModelOut
@@ -10,13 +13,29 @@ from rottenbot_inference.api.schemas import ModelOut
 router = APIRouter(prefix="/api/v1/inference", tags=["inference"])
 
 
-@router.get("/model", response_model=ModelOut, summary="The model serving now")
-async def model_info(state: ReadyState, _: CurrentUser) -> ModelOut:
+class ModelInfoOut(ModelOut):
+    """The model, plus where it came from and how reloading goes (docs/models.md)."""
+
+    run_id: str | None = Field(None, description="MLflow run that logged the model")
+    serving_from_cache: bool = Field(
+        False, description="true: the registry was unreachable; this is the last good model"
+    )
+    registry: dict[str, Any] | None = Field(
+        None, description="MLflow coordinates (URI, version, alias, run) and reachability"
+    )
+    reload: dict[str, Any] | None = Field(
+        None, description="Last reload check, last refused version, counts"
+    )
+
+
+@router.get("/model", response_model=ModelInfoOut, summary="The model serving now")
+async def model_info(state: ReadyState, _: CurrentUser) -> ModelInfoOut:
     bundle = state.service.bundle
     assert bundle is not None  # ReadyState guarantees it
     settings = state.settings
-    return ModelOut(
+    return ModelInfoOut(
         **bundle.describe(),
+        **(state.models.describe() if state.models is not None else {}),
         batching={
             "max_batch_size": settings.max_batch_size,
             "max_batch_delay_ms": settings.max_batch_delay_ms,

@@ -14,6 +14,7 @@ from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
 
 if TYPE_CHECKING:
+    from rottenbot_inference.inference.reloader import ModelManager
     from rottenbot_inference.storage.service import PredictionStore
 
 
@@ -33,6 +34,7 @@ class AppState:
     detail: str | None = None
     blocklist: Blocklist = field(default_factory=InMemoryBlocklist)
     predictions: PredictionStore | None = None  # saved predictions (outbox, database, images)
+    models: ModelManager | None = None  # model loading, hot swaps and their reporting
 
 
 def get_state(request: Request) -> AppState:

@@ -86,7 +86,11 @@ def model_file(path: Path) -> Path:
         for candidate in ("data/model.keras", "data/model/model.keras", "model.keras"):
             if (path / candidate).is_file():
                 return path / candidate
-        raise ModelLoadError(f"{path}: MLmodel has no ONNX or Keras (.keras) model data")
+        raise ModelLoadError(
+            f"{path}: MLmodel has no ONNX or Keras (.keras) model data (flavors: "
+            f"{', '.join(flavors) or 'none'}); SavedModel and .h5 layouts are not supported: "
+            "log the model in Keras format (data/model.keras) or as ONNX"
+        )
     for candidate in ("model.onnx", "model.keras"):
         if (path / candidate).is_file():
             return path / candidate
@@ -165,6 +169,17 @@ class ModelLoader:
         )
         return bundle
 
+    def needs_conversion(self, path: Path) -> bool:
+        """True for a Keras model file whose ONNX conversion is not cached yet."""
+        if path.suffix != ".keras" or self.settings.model_runtime == "keras":
+            return False
+        return self._cached_onnx(path, _sha256(path)) is None
+
+    def convert(self, path: Path) -> list[str]:
+        """Convert a Keras model file into the ONNX cache now (a no-op when cached)."""
+        _, notes = self._runtime_for(path, _sha256(path))
+        return notes
+
     # -- runtimes ------------------------------------------------------------------------
 
     def _runtime_for(self, path: Path, content_hash: str) -> tuple[Runtime, list[str]]:
@@ -238,10 +253,10 @@ def _zeros(shape: tuple[int, int, int]) -> Any:
 
 
 def source_from_settings(settings: Settings) -> ModelSource:
-    """The model source the settings name (local path; MLflow is added by its own module)."""
-    if settings.use_local or not settings.model_uri:
-        return LocalSource(settings.model_path, settings.classes_path)
-    raise ModelLoadError(
-        "USE_LOCAL=false needs MLflow support, which is not available in this build; "
-        "set USE_LOCAL=true and MODEL_PATH"
-    )
+    """The model source the settings name: MODEL_PATH, or MLflow when USE_LOCAL=false (or when
+    USE_LOCAL is not set and MODEL_URI is an MLflow URI such as `models:/rottenbot@champion`)."""
+    from rottenbot_inference.inference import mlflow_source
+
+    if mlflow_source.wants_mlflow(settings):
+        return mlflow_source.MlflowSource(settings)
+    return LocalSource(settings.model_path, settings.classes_path)

@@ -58,8 +58,8 @@ class InferenceService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._bundle: ModelBundle | None = None
-        self._preprocessor: ImagePreprocessor | None = None
+        # One reference, swapped whole: a request never pairs a model with another's preprocessor.
+        self._serving: tuple[ModelBundle, ImagePreprocessor] | None = None
         self._pool = ThreadPoolExecutor(
             max_workers=settings.effective_preprocess_threads, thread_name_prefix="preprocess"
         )
@@ -71,16 +71,20 @@ class InferenceService:
 
     @property
     def bundle(self) -> ModelBundle | None:
-        return self._bundle
+        serving = self._serving
+        return None if serving is None else serving[0]
 
     def install(self, bundle: ModelBundle) -> None:
-        """Make `bundle` the model for new requests (queued ones finish on theirs)."""
-        self._preprocessor = ImagePreprocessor(
+        """Make `bundle` the model for new requests (queued ones finish on theirs).
+
+        Callable from any thread: a single reference assignment is the swap.
+        """
+        preprocessor = ImagePreprocessor(
             bundle.image_size,
             max_pixels=self.settings.max_image_pixels,
             dct_scaling=self.settings.jpeg_dct_scaling,
         )
-        self._bundle = bundle
+        self._serving = (bundle, preprocessor)
         telemetry_metrics.record_model_swap(bundle.version)
 
     def start(self) -> None:
@@ -92,9 +96,10 @@ class InferenceService:
 
     async def classify(self, data: bytes, top_k: int = 1) -> Classification:
         """Preprocess in the pool, infer through the batcher; raises ImageError for bad input."""
-        bundle, preprocessor = self._bundle, self._preprocessor
-        if bundle is None or preprocessor is None:
+        serving = self._serving
+        if serving is None:
             raise RuntimeError("no model is loaded yet")
+        bundle, preprocessor = serving
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         with traced("preprocess_image") as span:

@@ -98,6 +98,15 @@ model_swaps = _meter.create_counter(
     "inference_model_swaps_total", unit="1",
     description="Models installed for serving (the first load and every reload)",
 )
+model_reloads = _meter.create_counter(
+    "inference_model_reloads_total", unit="1",
+    description="Model reload checks by trigger (poll, signal, admin) and outcome "
+    "(swapped, unchanged, failed, unreachable); unchanged polls are not counted",
+)
+registry_errors = _meter.create_counter(
+    "inference_model_registry_errors_total", unit="1",
+    description="Calls to the model registry (MLflow) that failed to reach it",
+)
 
 # --- model quality (drift) ------------------------------------------------------------------
 predictions = _meter.create_counter(
@@ -173,6 +182,18 @@ def _model_info(state: AppState) -> Iterable[Observation]:
         )
 
 
+def _registry_reachable(state: AppState) -> Iterable[Observation]:
+    models = getattr(state, "models", None)
+    if models is not None and models.registry_reachable is not None:
+        yield Observation(int(models.registry_reachable), _labels())
+
+
+def _serving_from_cache(state: AppState) -> Iterable[Observation]:
+    models = getattr(state, "models", None)
+    if models is not None and models.current is not None:
+        yield Observation(int(models.serving_from_cache), _labels())
+
+
 def _backlog(state: AppState) -> Iterable[Observation]:
     if state.predictions is not None:
         yield Observation(state.predictions.backlog, _labels())
@@ -204,6 +225,15 @@ _meter.create_observable_gauge(
 _meter.create_observable_gauge(
     "inference_model_info", [_observe(_model_info)], unit="1",
     description="The model serving now (value 1; name, version and runtime as labels)",
+)
+_meter.create_observable_gauge(
+    "inference_model_registry_reachable", [_observe(_registry_reachable)], unit="1",
+    description="1 when the last call to the model registry (MLflow) succeeded, 0 when not",
+)
+_meter.create_observable_gauge(
+    "inference_model_serving_from_cache", [_observe(_serving_from_cache)], unit="1",
+    description="1 while the model serving came from the local cache because the registry "
+    "could not be reached to confirm it is current",
 )
 _meter.create_observable_gauge(
     "inference_outbox_backlog", [_observe(_backlog)], unit="{item}",
@@ -278,6 +308,14 @@ def record_model_load(outcome: str, seconds: float | None = None) -> None:
 
 def record_model_swap(model_version: str) -> None:
     model_swaps.add(1, _labels(model_version=model_version))
+
+
+def record_model_reload(trigger: str, outcome: str) -> None:
+    model_reloads.add(1, _labels(trigger=trigger, outcome=outcome))
+
+
+def record_registry_error() -> None:
+    registry_errors.add(1, _labels())
 
 
 # --- GET /metrics ---------------------------------------------------------------------------
