@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -116,6 +117,22 @@ def _content_key(artifact: LocalArtifact) -> str:
     return "local:" + digest.hexdigest()[:16]
 
 
+def _check_archive(path: Path) -> None:
+    """A `.keras` file must be a sound zip archive with a model config."""
+    if path.suffix != ".keras":
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelLoadError(f"{path.name} is not a valid Keras archive ({exc})") from exc
+    if damaged is not None:
+        raise ModelLoadError(f"{path.name} is damaged (bad CRC in {damaged})")
+    if "config.json" not in names:
+        raise ModelLoadError(f"{path.name} holds no config.json: not a Keras 3 model file")
+
+
 def trim_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc), after a swap."""
     gc.collect()
@@ -159,7 +176,8 @@ class ModelManager:
         self.registry_reachable: bool | None = None
         self.registry_error: str | None = None
         self.last_check_at: str | None = None
-        self.last_result: ReloadResult | None = None
+        self.last_result: ReloadResult | None = None  # the last check, whatever came of it
+        self.last_swap: ReloadResult | None = None
         self.last_failure: ReloadResult | None = None
         self.counts: dict[str, int] = {"swapped": 0, "unchanged": 0, "failed": 0, "unreachable": 0}
         self._refused_key: str | None = None
@@ -229,6 +247,7 @@ class ModelManager:
             "reload": {
                 "installed_at": self.current.installed_at if self.current else None,
                 "last": self.last_result.as_dict() if self.last_result else None,
+                "last_swap": self.last_swap.as_dict() if self.last_swap else None,
                 "last_failure": self.last_failure.as_dict() if self.last_failure else None,
                 "counts": dict(self.counts),
             },
@@ -283,7 +302,7 @@ class ModelManager:
         elif self.is_mlflow:
             self.registry_reachable, self.registry_error = True, None
         self._install(bundle, artifact, "start")
-        self.last_result = ReloadResult("swapped", "start", bundle.version)
+        self.last_result = self.last_swap = ReloadResult("swapped", "start", bundle.version)
         return bundle
 
     # -- watching ---------------------------------------------------------------------------
@@ -432,13 +451,14 @@ class ModelManager:
                 failure=True,
             )
         self._install(bundle, artifact, trigger, key=key)
-        del bundle, current  # the old bundle lives on only in requests still queued for it
-        self._stopping.wait(1.0)  # let requests queued on the old model finish, then free it
-        trim_memory()
-        return self._finish(
+        result = self._finish(
             ReloadResult("swapped", trigger, self._version(), previous_version=previous,
                          candidate_version=candidate)
         )
+        del bundle, current  # the old bundle lives on only in requests still queued for it
+        self._stopping.wait(1.0)  # let requests queued on the old model finish, then free it
+        trim_memory()
+        return result
 
     def _finish(
         self, result: ReloadResult, failure: bool = False, quiet: bool = False
@@ -447,6 +467,8 @@ class ModelManager:
         if not quiet or result.trigger != "poll":
             telemetry_metrics.record_model_reload(result.trigger, result.outcome)
         self.last_result = result
+        if result.outcome == "swapped":
+            self.last_swap = result
         if failure:
             self.last_failure = result
             self._status_changed()
@@ -478,6 +500,7 @@ class ModelManager:
         started = time.monotonic()
         path = model_file(artifact.path)
         loader = self.loader
+        _check_archive(path)  # a damaged download fails here, not after a TensorFlow import
         if self.settings.model_convert_isolated and self.loader.needs_conversion(path):
             nice = self.settings.model_reload_nice if background else 0
             try:
