@@ -173,7 +173,9 @@ class ModelLoader:
         """True for a Keras model file whose ONNX conversion is not cached yet."""
         if path.suffix != ".keras" or self.settings.model_runtime == "keras":
             return False
-        return self._cached_onnx(path, _sha256(path)) is None
+        entry = self._cache_entry(_sha256(path))
+        folders = (self.settings.cache_dir, path.parent / BUNDLED_CACHE_NAME)
+        return not any((folder / entry).is_file() for folder in folders)
 
     def convert(self, path: Path) -> list[str]:
         """Convert a Keras model file into the ONNX cache now (a no-op when cached)."""
