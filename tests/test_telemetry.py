@@ -25,6 +25,7 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from prometheus_client.parser import text_string_to_metric_families
 
 from rottenbot_inference.app import create_app
@@ -40,7 +41,11 @@ from rottenbot_inference.telemetry.logs import (
     configure_logging,
 )
 from rottenbot_inference.telemetry.metrics import LATENCY_BUCKETS_MS
-from rottenbot_inference.telemetry.setup import _metric_exporter, _span_exporter
+from rottenbot_inference.telemetry.setup import (
+    RecordWhenConsumed,
+    _metric_exporter,
+    _span_exporter,
+)
 from tests.helpers import jpeg_bytes, random_photo, token, wait_ready
 
 PREDICT = "/api/v1/inference/predict"
@@ -53,11 +58,10 @@ DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "inference-das
 @pytest.fixture(scope="module")
 def exporter() -> InMemorySpanExporter:
     """Spans of this process, in memory (added beside whatever the global provider exports)."""
-    setup_telemetry(Settings(_env_file=None))  # type: ignore[call-arg]  # once per process
-    provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
+    telemetry = setup_telemetry(Settings(_env_file=None))  # type: ignore[call-arg]  # once
+    assert isinstance(trace.get_tracer_provider(), TracerProvider)
     memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
+    telemetry.add_span_processor(SimpleSpanProcessor(memory))  # spans are recorded from now on
     return memory
 
 
@@ -206,6 +210,19 @@ def test_unsampled_callers_get_answers_and_no_recorded_spans(
     )
     assert response.status_code == 200
     assert not [s for s in spans.get_finished_spans() if s.context.trace_id == int(trace_id, 16)]
+
+
+def test_without_a_span_consumer_spans_carry_ids_but_record_nothing() -> None:
+    sampler = RecordWhenConsumed(ParentBased(ALWAYS_ON), recording=False)
+    provider = TracerProvider(sampler=sampler)
+    tracer = provider.get_tracer("tests")
+    with tracer.start_as_current_span("not recorded") as span:
+        context = span.get_span_context()
+        line = JsonFormatter().format(_record("inside"))
+    assert context.is_valid and not span.is_recording()
+    assert json.loads(line)["trace_id"] == _hex(context.trace_id, 32)  # logs still correlate
+    sampler.recording = True  # an exporter (or a test's in-memory one) was added
+    assert tracer.start_span("recorded").is_recording()
 
 
 # --- the access log ----------------------------------------------------------------------------

@@ -28,6 +28,8 @@ PREDICT_ROUTE = f"{API_PREFIX}/predict"
 ROOT_SPAN_NAMES = {PREDICT_ROUTE: "predict_endpoint"}
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 CLIENT_CLOSED = 499  # no response was sent: the client went away first
+# Metric labels stay bounded whatever a client sends: other methods count as "_OTHER".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class _DictGetter(Getter[dict[str, str]]):
@@ -97,7 +99,7 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        method: str = scope["method"]
+        method: str = scope["method"] if scope["method"] in _METHODS else "_OTHER"
         path: str = scope["path"]
         quiet = _quiet(path)
         state = scope.setdefault("state", {})  # shared with request.state (user id)
@@ -124,8 +126,8 @@ class TelemetryMiddleware:
                 attributes={"http.request.method": method, "url.path": path},
             )
             token = otel_context.attach(trace.set_span_in_context(span))
-        in_flight = service_metrics.in_flight_labels(method)
-        service_metrics.api_in_flight.add(1, in_flight)
+        in_flight = service_metrics.in_flight
+        in_flight[method] = in_flight.get(method, 0) + 1
         error: BaseException | None = None
         try:
             await self.app(scope, receive, send_with_status)
@@ -139,7 +141,7 @@ class TelemetryMiddleware:
             route_path = _route_path(scope)
             endpoint = endpoint_label(route_path)
             labels = service_metrics.api_labels(endpoint, method, status)
-            service_metrics.api_in_flight.add(-1, in_flight)
+            in_flight[method] -= 1
             service_metrics.api_requests.add(1, labels)
             service_metrics.api_duration.record(duration_ms, labels)
             user_id = state.get("user_id")

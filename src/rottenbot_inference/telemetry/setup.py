@@ -1,7 +1,9 @@
 """Process-wide OpenTelemetry setup: tracer, meter and logger providers, done once.
 
-- Traces: an SDK TracerProvider always (spans give logs their trace ids and /metrics its
-  exemplars); a BatchSpanProcessor with an OTLP exporter only when an endpoint is configured.
+- Traces: an SDK TracerProvider always (every request gets trace and span ids for its log
+  lines). Spans are recorded only while something consumes them: with a traces endpoint, a
+  BatchSpanProcessor with an OTLP exporter (and the sampler of OTEL_TRACES_SAMPLER, default
+  parent-based always-on); without one, spans are non-recording (ids only, about half the cost).
   The processor's queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE, default 2048; the oldest spans are
   dropped when full) and it exports from its own thread, so a collector that is down costs a
   request nothing and memory stays bounded.
@@ -29,6 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
 
 from rottenbot_inference import __version__
 from rottenbot_inference.telemetry import metrics as service_metrics
@@ -57,6 +66,13 @@ class Telemetry:
     log_handler: logging.Handler | None = None
     exporters: list[Any] = field(default_factory=list)
     enabled: bool = True
+    sampler: RecordWhenConsumed | None = None
+
+    def add_span_processor(self, processor: Any) -> None:
+        """Add a span processor (e.g. an in-memory exporter in tests); spans are recorded now."""
+        assert self.tracer_provider is not None and self.sampler is not None
+        self.tracer_provider.add_span_processor(processor)
+        self.sampler.recording = True
 
     @property
     def exporting(self) -> bool:
@@ -94,6 +110,42 @@ class Telemetry:
             for exporter in self.exporters:  # abort retries against a collector that is down
                 with contextlib.suppress(Exception):
                     exporter.shutdown()
+
+
+class RecordWhenConsumed(Sampler):
+    """The configured sampler while spans are exported; otherwise DROP (ids, no recording).
+
+    A dropped span still gets a trace id (the caller's, or a new one) and a span id, so logs are
+    correlated either way; recording spans nobody reads would only cost CPU.
+    """
+
+    def __init__(self, delegate: Sampler, recording: bool) -> None:
+        self.delegate = delegate
+        self.recording = recording
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+        attributes: Any = None, links: Any = None, trace_state: Any = None,
+    ) -> SamplingResult:
+        if self.recording:
+            return self.delegate.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return SamplingResult(Decision.DROP, None, parent.trace_state if parent.is_valid else None)
+
+    def get_description(self) -> str:
+        state = "recording" if self.recording else "ids only"
+        return f"RecordWhenConsumed({self.delegate.get_description()}, {state})"
+
+
+def _configured_sampler() -> Sampler:
+    try:  # OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, as the SDK reads them
+        from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
+
+        return _get_from_env_or_default()
+    except Exception:
+        return ParentBased(ALWAYS_ON)
 
 
 def _bounded(function: Any, timeout_s: float, name: str) -> bool:
@@ -145,11 +197,14 @@ def _setup(settings: Settings) -> Telemetry:
     resource = _resource(service_name)
     telemetry = Telemetry(service_name, targets)
 
-    tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    sampler = RecordWhenConsumed(_configured_sampler(), recording=False)
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
+    telemetry.sampler = sampler
     if "traces" in targets:
         processor = _exporting(telemetry, "traces", _span_processor)
         if processor is not None:
             tracer_provider.add_span_processor(processor)
+            sampler.recording = True
     trace.set_tracer_provider(tracer_provider)
     telemetry.tracer_provider = tracer_provider
 
@@ -158,8 +213,13 @@ def _setup(settings: Settings) -> Telemetry:
         reader = _exporting(telemetry, "metrics", _metric_reader)
         if reader is not None:
             readers.append(reader)
+    exemplars: dict[str, Any] = {}
+    if len(readers) == 1 and not os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER"):
+        from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter
+
+        exemplars["exemplar_filter"] = AlwaysOffExemplarFilter()  # text exposition shows none
     meter_provider = MeterProvider(
-        metric_readers=readers, resource=resource, shutdown_on_exit=False
+        metric_readers=readers, resource=resource, shutdown_on_exit=False, **exemplars
     )
     metrics.set_meter_provider(meter_provider)
     telemetry.meter_provider = meter_provider
