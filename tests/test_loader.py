@@ -119,7 +119,7 @@ def test_failed_conversion_falls_back_to_keras_loudly(
         raise ValueError("max() arg is an empty sequence")
 
     monkeypatch.setattr(conversion, "convert", broken)
-    client = make_client(model_cache_dir=tmp_path / "cold-cache")
+    client = make_client(model_cache_dir=tmp_path / "cold-cache", model_convert_isolated=False)
     from tests.helpers import auth
 
     info = client.get("/api/v1/inference/model", headers=auth()).json()
