@@ -387,9 +387,8 @@ def test_concurrent_requests_share_a_batch_span_linked_to_each(served: Served) -
         batch = next(
             s for s in spans if s.name == "batch" and (trace_id, get_prediction.span_id) in s.links
         )
-        assert batch.attributes["batch.size"] == len(batch.links) or batch.attributes[
-            "batch.size"
-        ] >= len([link for link in batch.links if link[0] in trace_ids])
+        # Every image in the batch came from a sampled request: one link each.
+        assert batch.attributes["batch.size"] == len(batch.links)
         assert get_prediction.attributes["batch.size"] == batch.attributes["batch.size"]
 
 
@@ -522,7 +521,12 @@ def test_json_logs_carry_trace_ids_and_never_the_token(served: Served) -> None:
     assert entry["timestamp"].endswith("+00:00")
 
     lines = [line for line in served.log_path.read_text().splitlines() if line.strip()]
-    parsed = [json.loads(line) for line in lines]  # every line is one JSON object
+    parsed = [json.loads(line) for line in lines if line.startswith("{")]
+    # Every Python log record is one JSON object; only native libraries (TensorFlow's C++
+    # logging, if the model had to be converted) may write other lines to stderr.
+    others = [line for line in lines if not line.startswith("{")]
+    assert not [line for line in others if "rottenbot_inference" in line or "uvicorn" in line]
+    assert len(parsed) > len(others)
     for item in parsed:
         assert {"timestamp", "level", "message", "logger", "trace_id", "span_id"} <= set(item)
     model_lines = [p for p in parsed if p.get("path") == "/api/v1/inference/model"]
