@@ -161,6 +161,9 @@ class Resolution:
     name: str
     version: str | None = None  # registry version
     run_id: str | None = None
+    # What the registry says the version is (its logged model / source and creation time):
+    # a registry rebuilt at the same address may reuse "version 1" for another model.
+    fingerprint: str | None = None
 
     @property
     def label(self) -> str:
@@ -355,6 +358,7 @@ class MlflowSource:
                 name=ref.name,
                 version=str(found.version),
                 run_id=found.run_id or None,
+                fingerprint=_fingerprint(found),
             )
         if ref.kind == "version":
             try:
@@ -365,7 +369,7 @@ class MlflowSource:
                 ) from exc
             return Resolution(
                 key=self.static_key() or "", name=ref.name, version=ref.version,
-                run_id=found.run_id or None,
+                run_id=found.run_id or None, fingerprint=_fingerprint(found),
             )
         return Resolution(key=self.static_key() or "", name=ref.name, run_id=ref.run_id)
 
@@ -407,7 +411,7 @@ class MlflowSource:
 
     def fetch_resolution(self, resolution: Resolution) -> MlflowArtifact:
         """Download what a resolution names (unless cached), with its class map."""
-        cached = self._load_entry(resolution.key)
+        cached = self._load_entry(resolution.key, fingerprint=resolution.fingerprint)
         if cached is not None:
             return cached
         return self._download(resolution)
@@ -448,6 +452,7 @@ class MlflowSource:
                 "model_file": str(found.relative_to(partial)),
                 "sha256": _sha256(found),
                 "classes_from": classes_from,
+                "fingerprint": resolution.fingerprint,
                 "downloaded_at": _utcnow(),
             }
             _write_json(partial / ENTRY_FILE, entry)
@@ -506,11 +511,18 @@ class MlflowSource:
 
     # -- the cache --------------------------------------------------------------------------
 
-    def _load_entry(self, key: str, from_cache: bool = True) -> MlflowArtifact | None:
+    def _load_entry(
+        self, key: str, from_cache: bool = True, fingerprint: str | None = None
+    ) -> MlflowArtifact | None:
         folder = self.cache_root / key
         try:
             entry = json.loads((folder / ENTRY_FILE).read_text())
         except (OSError, ValueError):
+            return None
+        if fingerprint is not None and entry.get("fingerprint") not in (None, fingerprint):
+            log.warning("cached %s is not what the registry now calls it; downloading again",
+                        folder)
+            shutil.rmtree(folder, ignore_errors=True)
             return None
         model = folder / entry["model"]
         found = folder / entry["model_file"]
@@ -589,6 +601,10 @@ class MlflowSource:
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime < cutoff:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _fingerprint(version: Any) -> str:
+    return f"{getattr(version, 'source', '')}|{getattr(version, 'creation_timestamp', '')}"
 
 
 def _mlmodel_run_id(model_dir: Path) -> str | None:

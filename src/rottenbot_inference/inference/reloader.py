@@ -401,7 +401,8 @@ class ModelManager:
             return self._finish(ReloadResult("unreachable", trigger, previous, detail=str(exc)))
         except ModelLoadError as exc:  # the alias was deleted, the file is gone, ...
             self._registry_up()
-            log.error("model source check failed: %s", exc)
+            repeated = self.last_failure is not None and self.last_failure.detail == str(exc)
+            (log.debug if repeated else log.error)("model source check failed: %s", exc)
             return self._finish(
                 ReloadResult("failed", trigger, previous, detail=str(exc)), failure=True
             )
