@@ -40,6 +40,11 @@ class MlflowServer:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 300) -> None:
+        self.launch()
+        self.wait(timeout_s)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (tests can run meanwhile)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "mlflow", "server",
@@ -53,6 +58,10 @@ class MlflowServer:
                 command, cwd=self.folder, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() ends all its children
             )
+
+    def wait(self, timeout_s: float = 300) -> None:
+        """Until /health answers (raises with the log's tail if the server dies or hangs)."""
+        assert self._process is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

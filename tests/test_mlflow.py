@@ -79,15 +79,22 @@ class Registry:
         return proxy
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    folder = tmp_path_factory.mktemp("mlflow")
-    server = MlflowServer(folder / "server")
-    server.start()
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """Launched with the module's first test; the tests that need no registry (first in the
+    file) run while it starts."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow") / "server")
+    server.launch()
     try:
-        yield Registry(server, folder)
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def registry(mlflow_server: MlflowServer) -> Registry:
+    mlflow_server.wait()
+    return Registry(mlflow_server, mlflow_server.folder.parent)
 
 
 def mlflow_settings(tmp_path: Path, cache: Path, **overrides: Any) -> Settings:
@@ -179,6 +186,30 @@ def test_which_settings_mean_mlflow(tmp_path: Path) -> None:
         wants_mlflow(settings(use_local=False))
     with pytest.raises(ModelLoadError, match="needs MLFLOW_TRACKING_URI"):
         MlflowSource(settings(use_local=False, model_uri="models:/rottenbot/1"))
+
+
+# -- admin endpoint with a local model (in-process) ------------------------------------------------
+
+
+def test_admin_reload_is_off_without_a_key(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    assert client.post(RELOAD, headers={"X-Admin-Key": "anything"}).status_code == 404
+
+
+def test_admin_reload_of_a_local_model(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(admin_api_key=ADMIN_KEY)
+    assert client.post(RELOAD).status_code == 401
+    assert client.post(RELOAD, headers={"X-Admin-Key": ADMIN_KEY + "x"}).status_code == 401
+    assert client.post(RELOAD, headers=auth()).status_code == 401  # a user token is not admin
+    unchanged = client.post(RELOAD, headers={"X-Admin-Key": ADMIN_KEY})
+    assert unchanged.status_code == 200 and unchanged.json()["outcome"] == "unchanged"
+    before = client.app.state.rottenbot.service.bundle  # type: ignore[attr-defined]
+    swapped = client.post(f"{RELOAD}?reinstall=true", headers={"X-Admin-Key": ADMIN_KEY})
+    assert swapped.status_code == 200 and swapped.json()["outcome"] == "swapped"
+    after = client.app.state.rottenbot.service.bundle  # type: ignore[attr-defined]
+    assert after is not before and after.version == before.version
+    body = client.get(MODEL, headers=auth()).json()
+    assert body["registry"] is None and body["reload"]["counts"]["swapped"] == 1
 
 
 # -- start-up errors -----------------------------------------------------------------------------
@@ -553,27 +584,3 @@ def test_restart_with_the_registry_down_serves_the_cached_model(
     finally:
         service.stop()
         proxy.stop()
-
-
-# -- admin endpoint with a local model (in-process) ------------------------------------------------
-
-
-def test_admin_reload_is_off_without_a_key(make_client: Callable[..., TestClient]) -> None:
-    client = make_client()
-    assert client.post(RELOAD, headers={"X-Admin-Key": "anything"}).status_code == 404
-
-
-def test_admin_reload_of_a_local_model(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(admin_api_key=ADMIN_KEY)
-    assert client.post(RELOAD).status_code == 401
-    assert client.post(RELOAD, headers={"X-Admin-Key": ADMIN_KEY + "x"}).status_code == 401
-    assert client.post(RELOAD, headers=auth()).status_code == 401  # a user token is not admin
-    unchanged = client.post(RELOAD, headers={"X-Admin-Key": ADMIN_KEY})
-    assert unchanged.status_code == 200 and unchanged.json()["outcome"] == "unchanged"
-    before = client.app.state.rottenbot.service.bundle  # type: ignore[attr-defined]
-    swapped = client.post(f"{RELOAD}?reinstall=true", headers={"X-Admin-Key": ADMIN_KEY})
-    assert swapped.status_code == 200 and swapped.json()["outcome"] == "swapped"
-    after = client.app.state.rottenbot.service.bundle  # type: ignore[attr-defined]
-    assert after is not before and after.version == before.version
-    body = client.get(MODEL, headers=auth()).json()
-    assert body["registry"] is None and body["reload"]["counts"]["swapped"] == 1
