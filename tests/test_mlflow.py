@@ -289,6 +289,7 @@ def test_keras_flavor_with_the_class_map_from_run_id(
 
     version, model_run = log_model(registry.url, registry.model(1), "rb-keras", flavor="keras",
                                    classes_in_run=False)
+    mlflow.set_tracking_uri(registry.url)
     with mlflow.start_run() as classes_run:
         mlflow.log_dict(class_map(), "index_to_class.json")
     settings = mlflow_settings(
@@ -446,6 +447,7 @@ def test_hot_swap_under_load_refuses_a_broken_version_and_frees_memory(
     )
     try:
         base = service.start()
+        assert "converting" not in service.log_text()  # v1's conversion is cached: none here
         info = model_info(base)
         assert (info["version"], info["run_id"]) == (v1, run1)
         assert info["registry"]["alias"] == "champion"
