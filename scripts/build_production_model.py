@@ -42,9 +42,6 @@ flavors:
     model_type: keras
     save_format: keras
 mlflow_version: 2.19.0
-signature:
-  inputs: '[{{"type": "tensor", "tensor-spec": {{"dtype": "float32", "shape": [-1, 224, 224, 3]}}}}]'
-  outputs: '[{{"type": "tensor", "tensor-spec": {{"dtype": "float32", "shape": [-1, 28]}}}}]'
 """
 
 

@@ -34,7 +34,8 @@ def test_predict_json_and_table(runner: CliRunner, tiny_model, tmp_path) -> None
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     result = runner.invoke(
-        main, ["predict", str(image), str(bad), "--model", str(tiny_model), "--json", "--top-k", "3"]
+        main,
+        ["predict", str(image), str(bad), "--model", str(tiny_model), "--json", "--top-k", "3"],
     )
     assert result.exit_code == 1  # one file failed
     lines = [json.loads(line) for line in result.output.strip().splitlines()]

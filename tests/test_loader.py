@@ -91,7 +91,7 @@ def test_wrong_model_paths_are_clear_errors(make_settings, tiny_model, tmp_path)
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(tiny_model, lonely / "model.keras")
-    with pytest.raises(ModelLoadError, match="index_to_class.json"):
+    with pytest.raises(ModelLoadError, match=r"index_to_class\.json"):
         loader.load(LocalSource(lonely / "model.keras"))
     three = tmp_path / "three.json"
     three.write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
