@@ -30,7 +30,9 @@ def class_map(count: int = CLASS_COUNT) -> dict[str, str]:
             for index in range(count)}
 
 
-def build_tiny_keras(folder: Path, mixed: bool = True, seed: int = 0) -> Path:
+def build_tiny_keras(
+    folder: Path, mixed: bool = True, seed: int = 0, classes: int = CLASS_COUNT
+) -> Path:
     """A small Keras image model with the production I/O contract (224x224x3 -> 28 softmax).
 
     It uses hard-swish (the op that trips tf2onnx's transpose optimizer) and, by default,
@@ -50,7 +52,7 @@ def build_tiny_keras(folder: Path, mixed: bool = True, seed: int = 0) -> Path:
         x = keras.layers.BatchNormalization()(x)
         x = keras.layers.DepthwiseConv2D(3, activation="relu")(x)
         x = keras.layers.GlobalAveragePooling2D()(x)
-        outputs = keras.layers.Dense(CLASS_COUNT, activation="softmax", dtype="float32")(x)
+        outputs = keras.layers.Dense(classes, activation="softmax", dtype="float32")(x)
         model = keras.Model(inputs, outputs)
         # Non-trivial outputs: a random dense layer spread over inputs gives varied classes.
         dense = model.layers[-1]
@@ -60,7 +62,7 @@ def build_tiny_keras(folder: Path, mixed: bool = True, seed: int = 0) -> Path:
         keras.mixed_precision.set_global_policy(previous)
     path = folder / "model.keras"
     model.save(path)
-    (folder / "index_to_class.json").write_text(json.dumps(class_map()))
+    (folder / "index_to_class.json").write_text(json.dumps(class_map(classes)))
     return path
 
 

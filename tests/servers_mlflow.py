@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
-from tests.helpers import CLASS_COUNT, class_map, free_port
+from tests.helpers import CLASS_COUNT, build_tiny_keras, class_map, free_port
 
 
 class MlflowServer:
@@ -214,31 +213,8 @@ class ServiceProcess:
 
 def build_keras(folder: Path, seed: int, classes: int = CLASS_COUNT) -> Path:
     """A small mixed_float16 Keras model (224x224x3 -> `classes` softmax); seeds differ in
-    their outputs. Same layers as tests.helpers.build_tiny_keras."""
-    import keras
-
-    folder.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(seed)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        inputs = keras.Input((224, 224, 3))
-        x = keras.layers.Rescaling(1 / 255)(inputs)
-        x = keras.layers.AveragePooling2D(4)(x)
-        x = keras.layers.Conv2D(16, 3, strides=2, activation="hard_swish")(x)
-        x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.DepthwiseConv2D(3, activation="relu")(x)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        outputs = keras.layers.Dense(classes, activation="softmax", dtype="float32")(x)
-        model = keras.Model(inputs, outputs)
-        dense = model.layers[-1]
-        kernel, bias = dense.get_weights()
-        dense.set_weights([np.random.default_rng(seed).normal(0, 3, kernel.shape), bias])
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    path = folder / "model.keras"
-    model.save(path)
-    return path
+    their outputs."""
+    return build_tiny_keras(folder, seed=seed, classes=classes)
 
 
 def log_model(

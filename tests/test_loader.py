@@ -66,7 +66,7 @@ def test_mlflow_directory_and_onnx_file_sources(make_settings, tiny_model, tmp_p
         "flavors:\n  tensorflow:\n    data: data\n    model_type: keras\n    save_format: keras\n"
     )
     shutil.copy(tiny_model.parent / "index_to_class.json", mlflow_dir)
-    settings = make_settings()
+    settings = make_settings(model_cache_dir=tmp_path / "cache")  # holds only this conversion
     from_dir = ModelLoader(settings).load(LocalSource(mlflow_dir))
     assert from_dir.runtime.name == "onnxruntime"
     assert from_dir.name == "mlflow-model"
