@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 
 from rottenbot_inference.inference.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from rottenbot_inference.inference.images import ImageError, ImageTooLarge
+from rottenbot_inference.storage.service import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,4 +57,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceUnavailable)
     async def unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+        return _unavailable(request, exc.detail)
+
+    @app.exception_handler(StorageUnavailable)
+    async def storage_down(request: Request, exc: StorageUnavailable) -> JSONResponse:
         return _unavailable(request, exc.detail)

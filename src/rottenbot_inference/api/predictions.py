@@ -25,7 +25,6 @@ from rottenbot_inference.storage.service import (
     InvalidCursor,
     PredictionStore,
     SavedPrediction,
-    StorageUnavailable,
 )
 
 PREFIX = "/api/v1/inference/predictions"
@@ -99,8 +98,6 @@ async def list_predictions(
         page = await store.list(user.user_uid, limit=limit, cursor=cursor, class_name=class_name)
     except InvalidCursor as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
-    except StorageUnavailable as exc:
-        raise ServiceUnavailable(exc.detail) from None
     items = [_out(item) for item in page.items]
     return PredictionPageOut(items=items, next_cursor=page.next_cursor)
 
@@ -113,10 +110,7 @@ async def list_predictions(
     summary="One saved prediction",
 )
 async def get_prediction(user: CurrentUser, store: Store, uid: uuid.UUID) -> SavedPredictionOut:
-    try:
-        saved = await store.get(user.user_uid, uid)
-    except StorageUnavailable as exc:
-        raise ServiceUnavailable(exc.detail) from None
+    saved = await store.get(user.user_uid, uid)
     if saved is None:
         raise HTTPException(status_code=404, detail=NOT_FOUND)
     return _out(saved)
@@ -132,10 +126,7 @@ async def get_prediction(user: CurrentUser, store: Store, uid: uuid.UUID) -> Sav
     summary="The saved image, as uploaded",
 )
 async def get_prediction_image(user: CurrentUser, store: Store, uid: uuid.UUID) -> Response:
-    try:
-        image = await store.open_image(user.user_uid, uid)
-    except StorageUnavailable as exc:
-        raise ServiceUnavailable(exc.detail) from None
+    image = await store.open_image(user.user_uid, uid)
     if image is None:
         raise HTTPException(status_code=404, detail=NOT_FOUND)
     headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
@@ -152,10 +143,7 @@ async def get_prediction_image(user: CurrentUser, store: Store, uid: uuid.UUID) 
     summary="Delete a saved prediction and its image",
 )
 async def delete_prediction(user: CurrentUser, store: Store, uid: uuid.UUID) -> Response:
-    try:
-        found = await store.delete(user.user_uid, uid)
-    except StorageUnavailable as exc:
-        raise ServiceUnavailable(exc.detail) from None
+    found = await store.delete(user.user_uid, uid)
     if not found:
         raise HTTPException(status_code=404, detail=NOT_FOUND)
     return Response(status_code=204)
