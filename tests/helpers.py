@@ -114,6 +114,16 @@ def wait_ready(base_url: str, timeout_s: float = 300, process: subprocess.Popen 
     raise TimeoutError("service did not become ready")
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM, wait up to `timeout_s`, then SIGKILL."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """`rottenbot-inference serve` in a subprocess on a free loopback port."""
@@ -129,12 +139,7 @@ def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
             wait_ready(base_url, process=process)
             yield base_url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 __all__ = ["DEV_JWT_SECRET"]

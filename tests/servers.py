@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, stop_process
 
 REDIS_BINARY = "redis-server"
 
@@ -85,12 +85,7 @@ class RedisServer:
         """Stop the server and wait until the port refuses connections."""
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout_s)
         self.process = None
         self._wait(lambda: not self.ping(), timeout_s, "redis-server still answers")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import CLASS_COUNT, build_tiny_keras, class_map, free_port
+from tests.helpers import CLASS_COUNT, build_tiny_keras, class_map, free_port, stop_process
 
 
 class MlflowServer:
@@ -191,12 +191,7 @@ class ServiceProcess:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s)
 
     def log_text(self) -> str:
         try:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from tests.helpers import auth, free_port, jpeg_bytes, random_photo
+from tests.helpers import auth, free_port, jpeg_bytes, random_photo, stop_process
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -215,12 +215,7 @@ class MotoS3Server:
             return
         if self.paused:
             self.resume()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 10)
         self.process = None
 
     def client(self):  # -> botocore S3 client, for the tests' own checks
@@ -351,12 +346,7 @@ class ServiceProcess:
     def stop(self, timeout_s: float = 60) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout_s)
         self.process = None
 
     def log_tail(self, chars: int = 4000) -> str:
