@@ -1,4 +1,4 @@
-"""Command line: `rottenbot-inference serve | predict | token`."""
+"""Command line: `rottenbot-inference serve | predict | token | convert`."""
 
 from __future__ import annotations
 
@@ -133,6 +133,42 @@ def predict(images: tuple[str, ...], model_path: str | None, top_k: int, as_json
                 click.echo(f"{label:<40} {score.name:<24} {score.confidence:8.4f}")
     if failed:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where to write the conversion [default: onnx-cache/ beside the model file, "
+    "where the service finds it without TensorFlow].",
+)
+def convert(model: Path, cache_dir: Path | None) -> None:
+    """Convert a Keras model to ONNX ahead of time (needs the keras extra), e.g. in a build."""
+    from rottenbot_inference.inference.loader import (
+        BUNDLED_CACHE_NAME,
+        ModelLoader,
+        ModelLoadError,
+        model_file,
+    )
+
+    try:
+        path = model_file(model)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if path.suffix == ".onnx":
+        click.echo(f"{path} is ONNX already: nothing to convert")
+        return
+    target = cache_dir or path.parent / BUNDLED_CACHE_NAME
+    settings = Settings(model_cache_dir=target, model_runtime="onnxruntime")
+    _configure_logging(settings.model_copy(update={"log_level": "warning"}))
+    loader = ModelLoader(settings)
+    try:
+        loader.convert(path)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if loader.needs_conversion(path):  # pragma: no cover - convert() raises instead
+        raise click.ClickException(f"{path}: no conversion was cached")
+    click.echo(f"{path}: ONNX conversion cached in {target}")
 
 
 def _emit_error(name: str, message: str, as_json: bool) -> None:
