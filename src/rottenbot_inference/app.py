@@ -13,10 +13,13 @@ from fastapi import FastAPI
 
 from rottenbot_inference import __version__
 from rottenbot_inference.api import admin, health, model, predict, predictions
+from rottenbot_inference.api.admission import AdmissionMiddleware
+from rottenbot_inference.api.disconnect import CancelOnDisconnect
 from rottenbot_inference.api.errors import install_error_handlers
 from rottenbot_inference.api.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
 from rottenbot_inference.api.state import AppState, Phase
 from rottenbot_inference.auth.blocklist import start_blocklist
+from rottenbot_inference.auth.ratelimit import build_rate_limiter
 from rottenbot_inference.auth.tokens import build_verifier
 from rottenbot_inference.inference.loader import ModelLoadError
 from rottenbot_inference.inference.reloader import ModelManager
@@ -84,10 +87,12 @@ def create_app(
         verifier = build_verifier(settings)
         await verifier.start()
         blocklist = await start_blocklist(settings)
+        rate_limiter = build_rate_limiter(settings)
         store = PredictionStore(settings)
         await store.start()  # opens the durable outbox (resuming what is left) and drains it
         state = AppState(
             settings=settings, service=service, verifier=verifier, blocklist=blocklist,
+            rate_limiter=rate_limiter,
             predictions=store,
         )
         app.state.rottenbot = state
@@ -107,6 +112,8 @@ def create_app(
             await service.stop()
             await store.stop()  # drains for OUTBOX_SHUTDOWN_GRACE_S; the rest stays durable
             await blocklist.close()
+            if rate_limiter is not None:
+                await rate_limiter.close()
             telemetry_metrics.unbind_state(state)
             await asyncio.to_thread(telemetry.flush)  # bounded, even if the collector is down
 
@@ -124,6 +131,10 @@ def create_app(
         BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD
     )
     install_error_handlers(app)
+    # Predict only: cancel the work of a client that went away (outside the body limits, so
+    # it listens on the raw connection), and shed load before a body is read (admission.py).
+    app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(AdmissionMiddleware, settings=settings)
     # Added last: outermost, so it also times and counts the body-size limit's early 413s.
     app.add_middleware(TelemetryMiddleware, access_log_enabled=settings.access_log)
     app.include_router(predict.router)

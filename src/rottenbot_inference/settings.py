@@ -108,6 +108,21 @@ class Settings(BaseSettings):
         10.0, gt=0, description="A request still queued after this is dropped with 503"
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 responses")
+    max_inflight_requests: int | None = Field(
+        None, ge=1,
+        description="Predict requests admitted at once (reading, decoding, queued or computing); "
+        "more get 503 before their body is read. Default: QUEUE_CAPACITY + MAX_BATCH_SIZE",
+    )
+    max_queue_wait_ms: float = Field(
+        500.0, ge=0,
+        description="503 at once when (admitted requests x recent model time per image) exceeds "
+        "this estimate of the wait; 0: off",
+    )
+
+    @property
+    def effective_max_inflight(self) -> int:
+        """MAX_INFLIGHT_REQUESTS, or everything the batcher can hold: queue + one batch."""
+        return self.max_inflight_requests or self.queue_capacity + self.max_batch_size
 
     # --- input limits -------------------------------------------------------------------
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Larger uploads get 413")
@@ -144,6 +159,28 @@ class Settings(BaseSettings):
     auth_fail_open: bool = Field(
         False, description="Accept tokens unchecked while Redis is down (default: 503)"
     )
+    rate_limit_per_minute: float | None = Field(
+        None, gt=0,
+        description="Per-user predict requests per minute (token bucket in Redis, shared by "
+        "replicas; in-process without REDIS_HOST); unset: no limit",
+    )
+    rate_limit_burst: int | None = Field(
+        None, ge=1,
+        description="Bucket size: requests a user may send at once; default RATE_LIMIT_PER_MINUTE",
+    )
+
+    @field_validator("max_inflight_requests", "rate_limit_per_minute", "rate_limit_burst",
+                     mode="before")
+    @classmethod
+    def _empty_limit_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def effective_rate_limit_burst(self) -> int:
+        """The bucket's size (at least one request)."""
+        if self.rate_limit_burst is not None:
+            return self.rate_limit_burst
+        return max(1, int(self.rate_limit_per_minute or 1))
 
     @field_validator(
         "jwt_public_key_file", "jwt_jwks_url", "jwt_audience", "jwt_issuer", "redis_host",

@@ -6,10 +6,12 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 
+from rottenbot_inference.api.admission import request_deadline
 from rottenbot_inference.api.deps import CurrentUser, ReadyState
 from rottenbot_inference.api.errors import PREDICTION_FAILED, PayloadTooLarge, ServiceUnavailable
+from rottenbot_inference.api.ratelimit import RateLimited
 from rottenbot_inference.api.schemas import ClassScoreOut, ErrorOut, PredictionOut
 from rottenbot_inference.inference.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from rottenbot_inference.inference.images import ImageError, check_declared_type
@@ -39,12 +41,15 @@ _REJECTIONS = (
         401: {"model": ErrorOut, "description": "Missing, invalid, expired or revoked token"},
         403: {"model": ErrorOut, "description": "user_uid is not the token's user"},
         413: {"model": ErrorOut, "description": "Upload or image dimensions over the limit"},
+        429: {"model": ErrorOut, "description": "Over the per-user rate limit; see Retry-After"},
         500: {"model": ErrorOut, "description": PREDICTION_FAILED},
         503: {"model": ErrorOut, "description": "Overloaded or not ready; see Retry-After"},
     },
     summary="Classify a photo of fruit or vegetables as healthy or rotten",
+    dependencies=[RateLimited],  # after the token check; off unless RATE_LIMIT_PER_MINUTE
 )
 async def predict(
+    request: Request,
     state: ReadyState,
     user: CurrentUser,
     file: Annotated[UploadFile, File(description="JPEG or PNG image")],
@@ -73,7 +78,9 @@ async def predict(
     ranked_k = max(top_k or 1, STORED_TOP_K if save_prediction else 1)
     try:
         with traced("model_prediction") as span:
-            result = await state.service.classify(data, top_k=ranked_k)
+            result = await state.service.classify(
+                data, top_k=ranked_k, deadline=request_deadline(request, state.settings)
+            )
             if span.is_recording():
                 span.set_attributes(
                     {

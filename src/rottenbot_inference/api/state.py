@@ -14,6 +14,7 @@ from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
 
 if TYPE_CHECKING:
+    from rottenbot_inference.auth.ratelimit import RateLimiter
     from rottenbot_inference.inference.reloader import ModelManager
     from rottenbot_inference.storage.service import PredictionStore
 
@@ -35,6 +36,7 @@ class AppState:
     blocklist: Blocklist = field(default_factory=InMemoryBlocklist)
     predictions: PredictionStore | None = None  # saved predictions (outbox, database, images)
     models: ModelManager | None = None  # model loading, hot swaps and their reporting
+    rate_limiter: RateLimiter | None = None  # per-user token buckets (RATE_LIMIT_PER_MINUTE)
 
 
 def get_state(request: Request) -> AppState:

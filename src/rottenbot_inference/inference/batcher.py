@@ -4,6 +4,11 @@
 takes whatever is queued (up to `max_batch_size`), waits at most `max_delay_s` for more, drops
 jobs whose client has gone or whose deadline passed, runs one batch and hands each result back
 to the event loop. A full queue is refused at once (`QueueFull` -> 503), never waited on.
+
+A request's deadline is absolute (set when the request arrived, see api/admission.py), so the
+time spent reading and decoding the upload counts against it. Dropped jobs are counted by
+reason (`dropped`), and `per_image_ms` tracks the model's recent cost per image for the
+admission controller's queue-wait estimate.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class _Job:
     enqueued: float
     deadline: float
     span_context: SpanContext | None = None  # the requester's span; the batch span links it
+    expired: bool = False  # set by the waiting caller when its deadline cancelled the wait
 
 
 _STOP = object()
@@ -83,35 +89,70 @@ class Batcher:
         self._closed = False
         self._carry: _Job | None = None
         self.in_flight = 0  # jobs taken off the queue and not yet answered
+        # Counters each written by one thread only (the inference thread, or the event loop for
+        # `_late`) and read anywhere: plain ints and a float, no lock.
+        self.computed = 0  # images run through the model
+        self._skipped = {"cancelled": 0, "deadline": 0}  # jobs taken off the queue, not run
+        self._late = 0  # (event loop) requests whose deadline passed before they were queued
+        self.per_image_ms = 0.0  # moving average of compute time per image (0: none yet)
 
     @property
     def queued(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Requests never computed, by reason: `cancelled` (client gone) or `deadline`."""
+        return {
+            "cancelled": self._skipped["cancelled"],
+            "deadline": self._skipped["deadline"] + self._late,
+        }
+
+    def count_late(self) -> None:
+        """(Event loop) a request dropped before it reached the queue: its deadline passed."""
+        self._late += 1
+
     def start(self) -> None:
         self._thread.start()
 
     async def predict(
-        self, pixels: np.ndarray, bundle: ModelBundle, timeout_s: float
+        self,
+        pixels: np.ndarray,
+        bundle: ModelBundle,
+        timeout_s: float | None = None,
+        *,
+        deadline: float | None = None,
     ) -> BatchResult:
-        """Queue one preprocessed image and wait for its probabilities."""
+        """Queue one preprocessed image and wait for its probabilities.
+
+        `deadline` is a `time.monotonic()` instant (the request's arrival + its timeout); without
+        it the deadline is `timeout_s` from now. Cancelling the caller drops the queued job.
+        """
         if self._closed:
             raise BatcherClosed("the service is shutting down")
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
+        if deadline is None:
+            if timeout_s is None:
+                raise ValueError("predict needs timeout_s or deadline")
+            deadline = now + timeout_s
+        remaining = deadline - now
+        if remaining <= 0:
+            self.count_late()
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+        loop = asyncio.get_running_loop()
         job = _Job(
-            pixels, bundle, loop.create_future(), loop, now, now + timeout_s,
-            current_span_context(),
+            pixels, bundle, loop.create_future(), loop, now, deadline, current_span_context()
         )
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"{self.capacity} requests are already waiting") from None
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(remaining):
                 return await job.future
         except TimeoutError:
-            raise DeadlineExceeded(f"no result within {timeout_s:g} s") from None
+            job.expired = True
+            raise DeadlineExceeded(f"no result within {remaining:.3g} s") from None
 
     async def stop(self) -> None:
         """Refuse new work, finish everything queued, then end the thread."""
@@ -159,9 +200,13 @@ class Batcher:
         return batch, False
 
     def _still_wanted(self, job: _Job) -> bool:
-        if job.future.cancelled():
+        """False (and counted) for a job whose caller went away or whose deadline passed."""
+        if job.future.done():  # cancelled: the client disconnected or the wait timed out
+            expired = job.expired or time.monotonic() > job.deadline
+            self._skipped["deadline" if expired else "cancelled"] += 1
             return False
         if time.monotonic() > job.deadline:
+            self._skipped["deadline"] += 1
             job.loop.call_soon_threadsafe(
                 _resolve, job.future, DeadlineExceeded("deadline passed while queued")
             )
@@ -186,6 +231,8 @@ class Batcher:
             self.in_flight = 0
         finished = time.monotonic()
         compute_ms = (finished - started) * 1000
+        self.computed += len(batch)
+        self._track_cost(compute_ms / len(batch))
         queue_ms = [(started - job.enqueued) * 1000 for job in batch]
         span = self._batch_span(batch, queue_ms, started_ns)
         span_context = None if span is None else span.get_span_context()
@@ -203,6 +250,11 @@ class Batcher:
         if span is not None:
             span.end(end_time=started_ns + int((finished - started) * 1e9))
         telemetry_metrics.record_batch(compute_ms, len(batch), queue_ms)
+
+    def _track_cost(self, per_image_ms: float) -> None:
+        """Exponential moving average (weight 0.2) of the model's time per image."""
+        previous = self.per_image_ms
+        self.per_image_ms = per_image_ms if previous == 0 else 0.8 * previous + 0.2 * per_image_ms
 
     @staticmethod
     def _batch_span(batch: list[_Job], queue_ms: list[float], started_ns: int) -> Any:

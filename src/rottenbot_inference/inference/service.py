@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rottenbot_inference.inference.batcher import Batcher, BatchResult
+from rottenbot_inference.inference.batcher import Batcher, BatchResult, DeadlineExceeded
 from rottenbot_inference.inference.bundle import ModelBundle
 from rottenbot_inference.inference.images import ImagePreprocessor, PreparedImage
 from rottenbot_inference.settings import Settings
@@ -94,16 +94,32 @@ class InferenceService:
         await self.batcher.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    async def classify(self, data: bytes, top_k: int = 1) -> Classification:
-        """Preprocess in the pool, infer through the batcher; raises ImageError for bad input."""
+    async def classify(
+        self, data: bytes, top_k: int = 1, deadline: float | None = None
+    ) -> Classification:
+        """Preprocess in the pool, infer through the batcher; raises ImageError for bad input.
+
+        `deadline` (a `time.monotonic()` instant, normally the request's arrival +
+        REQUEST_TIMEOUT_S) bounds the whole job: an image still waiting for a decode thread or
+        for the model past it is dropped with DeadlineExceeded, never computed. Default: the
+        timeout from now.
+        """
         serving = self._serving
         if serving is None:
             raise RuntimeError("no model is loaded yet")
         bundle, preprocessor = serving
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.request_timeout_s
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         with traced("preprocess_image") as span:
-            image = await loop.run_in_executor(self._pool, _prepare, preprocessor, data)
+            try:
+                image = await loop.run_in_executor(
+                    self._pool, _prepare, preprocessor, data, deadline
+                )
+            except DeadlineExceeded:
+                self.batcher.count_late()  # never decoded, never computed
+                raise
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -116,7 +132,7 @@ class InferenceService:
         decoded = time.perf_counter()
         with traced("get_prediction", {"model.version": bundle.version}) as span:
             result: BatchResult = await self.batcher.predict(
-                image.pixels, bundle, timeout_s=self.settings.request_timeout_s
+                image.pixels, bundle, deadline=deadline
             )
             if span.is_recording():
                 span.set_attributes(
@@ -144,8 +160,13 @@ class InferenceService:
         )
 
 
-def _prepare(preprocessor: ImagePreprocessor, data: bytes) -> PreparedImage:
-    """Decode + resize (in the pool), timing the work itself rather than the wait for a thread."""
+def _prepare(preprocessor: ImagePreprocessor, data: bytes, deadline: float) -> PreparedImage:
+    """Decode + resize (in the pool), timing the work itself rather than the wait for a thread.
+
+    A request whose deadline passed while it waited for a thread is not decoded at all.
+    """
+    if time.monotonic() > deadline:
+        raise DeadlineExceeded("the request's deadline passed before its image was decoded")
     started = time.perf_counter()
     image = preprocessor.prepare(data)
     telemetry_metrics.record_decode((time.perf_counter() - started) * 1000, image.format.value)

@@ -166,6 +166,11 @@ def _executing(state: AppState) -> Iterable[Observation]:
     yield Observation(state.service.batcher.in_flight, _labels())
 
 
+def _dropped(state: AppState) -> Iterable[Observation]:
+    for reason, count in state.service.batcher.dropped.items():
+        yield Observation(count, _labels(reason=reason))
+
+
 def _model_info(state: AppState) -> Iterable[Observation]:
     bundle = state.service.bundle
     if bundle is not None:
@@ -217,6 +222,11 @@ _meter.create_observable_gauge(
 _meter.create_observable_gauge(
     "inference_batcher_executing", [_observe(_executing)], unit="{image}",
     description="Images in the batch the model is running now",
+)
+_meter.create_observable_counter(
+    "inference_batcher_dropped_total", [_observe(_dropped)], unit="{image}",
+    description="Images never computed because their client disconnected (cancelled) or "
+    "their deadline passed (deadline) before the model reached them",
 )
 _meter.create_observable_gauge(
     "inference_model_info", [_observe(_model_info)], unit="1",
