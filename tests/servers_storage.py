@@ -15,12 +15,13 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -251,6 +252,42 @@ def start_moto(log_path: Path) -> MotoS3Server:
         server.stop()
         unavailable(f"moto S3 server could not be started: {exc}")
     return server
+
+
+# Module-scoped fixtures: importing `postgres_fixture` / `moto_s3_fixture` into a test module
+# registers `postgres` / `moto_s3` there (see test_persistence.py).
+
+
+@pytest.fixture(scope="module", name="postgres")
+def postgres_fixture() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster per test module (tests create their own databases on it)."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="module", name="moto_s3")
+def moto_s3_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
+    """One moto S3 server per test module (tests use their own buckets on it)."""
+    server = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def outbox_rows(data_dir: Path) -> int:
+    """Saves still in a service's durable outbox (every slot file under DATA_DIR/outbox)."""
+    total = 0
+    for path in (data_dir / "outbox").glob("outbox-*.sqlite3"):
+        conn = sqlite3.connect(path)
+        try:
+            total += conn.execute("SELECT count(*) FROM items").fetchone()[0]
+        finally:
+            conn.close()
+    return total
 
 
 # --- saving through the API, polling ------------------------------------------------------

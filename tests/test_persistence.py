@@ -11,11 +11,10 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import os
-import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,30 +32,13 @@ from tests.servers_storage import (
     PostgresServer,
     ServiceProcess,
     history,
+    moto_s3_fixture,  # noqa: F401  (registers the module-scoped `moto_s3` fixture)
+    outbox_rows,
     poll,
+    postgres_fixture,  # noqa: F401  (registers the module-scoped `postgres` fixture)
     save,
     solid_jpeg,
-    start_moto,
-    start_postgres,
 )
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture(scope="module")
-def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
-    server = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -331,17 +313,6 @@ def test_shutdown_keeps_draining_for_the_grace_period(
     assert len(rows(postgres, database)) == 5 and len(objects(moto_s3, bucket)) == 5
 
 
-def _outbox_rows(data_dir: Path) -> int:
-    total = 0
-    for path in (data_dir / "outbox").glob("outbox-*.sqlite3"):
-        conn = sqlite3.connect(path)
-        try:
-            total += conn.execute("SELECT count(*) FROM items").fetchone()[0]
-        finally:
-            conn.close()
-    return total
-
-
 def test_kill_9_after_acknowledged_saves_loses_nothing_and_duplicates_nothing(
     tiny_model: Path, shared_cache: Path, tmp_path: Path, postgres: PostgresServer,
     database: str, moto_s3: MotoS3Server, bucket: str,
@@ -377,7 +348,7 @@ def test_kill_9_after_acknowledged_saves_loses_nothing_and_duplicates_nothing(
         moto_s3.pause()
         acknowledged += [post(seed) for seed in range(10)]
         service.kill()
-        assert _outbox_rows(data_dir) == 10  # durable on disk, nothing reached the database
+        assert outbox_rows(data_dir) == 10  # durable on disk, nothing reached the database
         assert rows(postgres, database) == []
         moto_s3.resume()
 
@@ -391,7 +362,7 @@ def test_kill_9_after_acknowledged_saves_loses_nothing_and_duplicates_nothing(
         # Restart: everything acknowledged arrives exactly once.
         service.start()
         poll(lambda: len(rows(postgres, database)) >= len(acknowledged)
-             and _outbox_rows(data_dir) == 0, timeout_s=120,
+             and outbox_rows(data_dir) == 0, timeout_s=120,
              message=f"saves lost after kill -9; log:\n{service.log_tail()}")
     finally:
         if moto_s3.paused:

@@ -15,6 +15,7 @@ from rottenbot_inference import __version__
 from rottenbot_inference.api import admin, health, model, predict, predictions
 from rottenbot_inference.api.admission import AdmissionMiddleware
 from rottenbot_inference.api.disconnect import CancelOnDisconnect
+from rottenbot_inference.api.draining import DrainingMiddleware
 from rottenbot_inference.api.errors import install_error_handlers
 from rottenbot_inference.api.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
 from rottenbot_inference.api.state import AppState, Phase
@@ -25,6 +26,7 @@ from rottenbot_inference.inference.loader import ModelLoadError
 from rottenbot_inference.inference.reloader import ModelManager
 from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
+from rottenbot_inference.shutdown import GracefulShutdown
 from rottenbot_inference.storage.service import PredictionStore
 from rottenbot_inference.telemetry import TelemetryMiddleware, setup_telemetry, traced
 from rottenbot_inference.telemetry import metrics as telemetry_metrics
@@ -64,8 +66,11 @@ async def load_model(state: AppState) -> None:
         else:
             log.exception("the model could not be loaded")
         telemetry_metrics.record_model_load("failure")
-        state.phase, state.detail = Phase.FAILED, f"{type(exc).__name__}: {exc}"
+        if state.phase is Phase.LOADING:
+            state.phase, state.detail = Phase.FAILED, f"{type(exc).__name__}: {exc}"
         raise
+    if state.phase is not Phase.LOADING:  # a shutdown signal came during the load
+        return
     state.phase, state.detail = Phase.READY, manager.warning
     log.info("ready: model %s version %s", bundle.name, bundle.version)
     manager.start_watching()
@@ -101,10 +106,12 @@ def create_app(
         loading = asyncio.create_task(load_model(state))
         loading.add_done_callback(lambda task: _report(task, on_fatal))
         hangup = _on_sighup(state)
+        # SIGTERM/SIGINT: drain first, then let the server close (shutdown.py).
+        unchain = GracefulShutdown(state, settings.shutdown_delay_s).install()
         try:
             yield
         finally:
-            state.phase = Phase.SHUTTING_DOWN
+            state.phase, state.detail = Phase.SHUTTING_DOWN, "shutting down"
             hangup()
             loading.cancel()
             if state.models is not None:
@@ -116,6 +123,7 @@ def create_app(
                 await rate_limiter.close()
             telemetry_metrics.unbind_state(state)
             await asyncio.to_thread(telemetry.flush)  # bounded, even if the collector is down
+            unchain()  # last: a repeated signal hurries the drain above
 
     app = FastAPI(
         title="RottenBot inference service",
@@ -135,6 +143,12 @@ def create_app(
     # it listens on the raw connection), and shed load before a body is read (admission.py).
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(AdmissionMiddleware, settings=settings)
+    # Inside the telemetry middleware (refusals are counted and logged like any answer),
+    # outside everything else: while draining, a new API request is refused before any other
+    # work (its body is read and discarded, bounded here).
+    app.add_middleware(
+        DrainingMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD
+    )
     # Added last: outermost, so it also times and counts the body-size limit's early 413s.
     app.add_middleware(TelemetryMiddleware, access_log_enabled=settings.access_log)
     app.include_router(predict.router)

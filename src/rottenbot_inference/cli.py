@@ -28,6 +28,16 @@ def worker_app() -> object:
     return create_app(settings)
 
 
+def _exit_zero_after_graceful_shutdown() -> None:
+    """After a graceful shutdown uvicorn re-raises the signal that stopped it, with the
+    handler that was there before it started; make that handler a no-op, so that a drained
+    process exits 0 instead of dying of the signal (see shutdown.py for the sequence)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rottenbot-inference")
 def main() -> None:
@@ -57,7 +67,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         "log_config": None,
         "access_log": False,
         "timeout_keep_alive": 30,
-        "timeout_graceful_shutdown": 30,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,  # in-flight requests
         "backlog": 2048,
         "server_header": False,
     }
@@ -79,6 +89,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         server.should_exit = True
 
     server = uvicorn.Server(uvicorn.Config(create_app(settings, on_fatal=on_fatal), **common))
+    _exit_zero_after_graceful_shutdown()
     server.run()
     if failure:
         raise click.ClickException(f"the model could not be loaded: {failure[0]}")

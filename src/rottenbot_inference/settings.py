@@ -236,6 +236,18 @@ class Settings(BaseSettings):
     port: int = 8000
     workers: int = Field(1, ge=1)
     log_level: str = "info"
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="After SIGTERM/SIGINT: report not ready and refuse new API requests (503) "
+        "this long before closing the listener, so load balancers stop sending traffic",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Once the listener is closed: how long in-flight requests may take to "
+        "finish before they are cancelled",
+    )
 
     # --- telemetry (traces, metrics, logs; see docs/observability.md) --------------------
     alloy_endpoint: str | None = Field(

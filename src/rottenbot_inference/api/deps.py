@@ -9,7 +9,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from rottenbot_inference.api.errors import ServiceUnavailable
-from rottenbot_inference.api.state import AppState, Phase, get_state
+from rottenbot_inference.api.state import SERVING, AppState, get_state
 from rottenbot_inference.auth.blocklist import BlocklistUnavailable
 from rottenbot_inference.auth.keys import KeysUnavailable
 from rottenbot_inference.auth.tokens import AuthError, Principal
@@ -84,8 +84,12 @@ async def current_user(
 
 
 def ready_state(state: Annotated[AppState, Depends(get_state)]) -> AppState:
-    """The state, once a model is serving; 503 before that and while shutting down."""
-    if state.phase is not Phase.READY:
+    """The state, once a model is serving; 503 before that and once shut down.
+
+    While draining, a request that was admitted before the signal still gets its answer (new
+    ones are refused earlier, by api/draining.py).
+    """
+    if state.phase not in SERVING:
         record_rejection("not_ready")
         raise ServiceUnavailable(f"The model is not ready ({state.phase.value}).")
     return state

@@ -23,7 +23,12 @@ class Phase(StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    DRAINING = "draining"  # signalled to stop: in-flight requests finish, new ones get 503
     SHUTTING_DOWN = "shutting_down"
+
+
+SERVING = frozenset({Phase.READY, Phase.DRAINING})  # requests already admitted keep going
+STOPPING = frozenset({Phase.DRAINING, Phase.SHUTTING_DOWN})  # new API requests are refused
 
 
 @dataclass

@@ -73,6 +73,7 @@ class Drainer:
         # (bounded by the outbox): items resumed after a restart are drained without a link.
         self._request_spans: dict[uuid.UUID, SpanContext] = {}
         self._wake = asyncio.Event()
+        self._cut = asyncio.Event()  # a hurried shutdown: stop draining now
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._deadline = float("inf")
@@ -101,19 +102,30 @@ class Drainer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-drainer")
 
+    def cut_short(self) -> None:
+        """Stop draining now, even in the middle of `stop`'s grace period (a hurried
+        shutdown); an item cut off mid-way is retried at the next start (idempotent)."""
+        self._cut.set()
+
     async def stop(self, grace_s: float) -> None:
-        """Keep draining up to `grace_s` seconds, then stop (the rest stays in the outbox)."""
+        """Keep draining up to `grace_s` seconds (or until `cut_short`), then stop; the rest
+        stays in the outbox."""
         if self._task is None:
             return
         self._closing = True
         self._deadline = time.monotonic() + grace_s
         self._wake.set()
+        cut = asyncio.ensure_future(self._cut.wait())
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=grace_s)
-        except TimeoutError:
+            await asyncio.wait(
+                {self._task, cut}, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            cut.cancel()
+        if not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
         if self.outbox.backlog:
             log.warning(
                 "stopping with %d saves still in the outbox; they are drained at the next start",

@@ -127,6 +127,7 @@ class PredictionStore:
         self._schema_ready = not settings.migrate_on_start
         self._schema_lock = asyncio.Lock()
         self._migrating: asyncio.Task[None] | None = None
+        self._hurried = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -149,10 +150,16 @@ class PredictionStore:
             self._migrating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._migrating
-        await self.drainer.stop(self.settings.outbox_shutdown_grace_s)
+        grace_s = 0.0 if self._hurried else self.settings.outbox_shutdown_grace_s
+        await self.drainer.stop(grace_s)
         await self.outbox.close()
         await self.engine.dispose()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def hurry(self) -> None:
+        """A hurried shutdown: stop (or skip) the final drain; pending saves stay durable."""
+        self._hurried = True
+        self.drainer.cut_short()
 
     async def ensure_schema(self) -> None:
         if self._schema_ready:
