@@ -17,7 +17,12 @@ from rottenbot_inference.api.admission import AdmissionMiddleware
 from rottenbot_inference.api.disconnect import CancelOnDisconnect
 from rottenbot_inference.api.draining import DrainingMiddleware
 from rottenbot_inference.api.errors import install_error_handlers
-from rottenbot_inference.api.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
+from rottenbot_inference.api.headers import SecurityHeadersMiddleware
+from rottenbot_inference.api.limits import (
+    MULTIPART_OVERHEAD,
+    BodyReadTimeoutMiddleware,
+    BodySizeLimitMiddleware,
+)
 from rottenbot_inference.api.state import AppState, Phase
 from rottenbot_inference.auth.blocklist import start_blocklist
 from rottenbot_inference.auth.ratelimit import build_rate_limiter
@@ -138,6 +143,12 @@ def create_app(
     app.add_middleware(
         BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD
     )
+    app.add_middleware(
+        BodyReadTimeoutMiddleware,
+        idle_timeout_s=settings.body_read_timeout_s,
+        total_timeout_s=settings.request_read_timeout_s,
+    )
+    app.add_middleware(SecurityHeadersMiddleware, docs_paths=_docs_paths(app))
     install_error_handlers(app)
     # Predict only: cancel the work of a client that went away (outside the body limits, so
     # it listens on the raw connection), and shed load before a body is read (admission.py).
@@ -159,6 +170,12 @@ def create_app(
         app.include_router(admin.router)
     app.include_router(telemetry_metrics.router)
     return app
+
+
+def _docs_paths(app: FastAPI) -> frozenset[str]:
+    """The interactive docs pages (they load scripts and styles from a CDN)."""
+    pages = (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    return frozenset(page for page in pages if page)
 
 
 def _on_sighup(state: AppState) -> Callable[[], None]:

@@ -127,6 +127,17 @@ class Settings(BaseSettings):
     # --- input limits -------------------------------------------------------------------
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Larger uploads get 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images get 413")
+    body_read_timeout_s: float = Field(
+        15.0, gt=0,
+        description="Longest wait for the next piece of a request body; then 408 (slow uploads)",
+    )
+    request_read_timeout_s: float = Field(
+        120.0, gt=0, description="Longest time to receive a whole request body; then 408"
+    )
+    header_read_timeout_s: float = Field(
+        10.0, gt=0,
+        description="A connection must finish sending its request headers within this (serve)",
+    )
     jpeg_dct_scaling: bool = Field(
         True, description="Let libjpeg-turbo decode large JPEGs at a reduced scale (faster)"
     )

@@ -30,6 +30,13 @@ class PayloadTooLarge(HTTPException):
         super().__init__(status_code=413, detail=detail)
 
 
+class RequestTimeout(HTTPException):
+    """A 408: the request body came in too slowly; the connection is closed after it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(status_code=408, detail=detail, headers={"Connection": "close"})
+
+
 def _unavailable(request: Request, detail: str) -> JSONResponse:
     retry_after = request.app.state.rottenbot.settings.retry_after_s
     return JSONResponse(

@@ -1,10 +1,16 @@
-"""Refuse request bodies over the limit while they stream in, not after buffering them."""
+"""Limits on request bodies, enforced while they stream in: size (413) and pace (408).
+
+Neither waits for the whole body: an oversized one is refused from its Content-Length or as
+soon as the bytes received pass the limit, a slow one as soon as a piece is late.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rottenbot_inference.api.errors import PayloadTooLarge
+from rottenbot_inference.api.errors import PayloadTooLarge, RequestTimeout
 
 # Room for the multipart boundary, part headers and small form fields around the file.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -59,3 +65,48 @@ async def _send_413(send: Send, limit: int) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class BodyReadTimeoutMiddleware:
+    """408 + `Connection: close` for bodies that trickle in (slow-loris uploads).
+
+    Each piece of the body must arrive within `idle_timeout_s` of the previous one (or of the
+    app's first read), and the whole body within `total_timeout_s` of the request's start.
+    Once the body is complete, reads (the app waiting for a disconnect) are not limited.
+    uvicorn itself has no such timeout: it waits for a body as long as the client keeps the
+    connection open.
+    """
+
+    def __init__(self, app: ASGIApp, idle_timeout_s: float, total_timeout_s: float) -> None:
+        self.app = app
+        self.idle_timeout_s = idle_timeout_s
+        self.total_timeout_s = total_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.total_timeout_s
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            remaining = deadline - loop.time()
+            timeout = min(self.idle_timeout_s, remaining)
+            try:
+                if timeout <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), timeout)
+            except TimeoutError:
+                which = "whole request body" if timeout >= remaining else "next part of the body"
+                raise RequestTimeout(
+                    f"The {which} did not arrive in time; the connection is closed."
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from rottenbot_inference.api.deps import CurrentUser, ReadyState
-from rottenbot_inference.api.schemas import ModelOut
+from rottenbot_inference.api.schemas import ModelOut, error_responses
 
 router = APIRouter(prefix="/api/v1/inference", tags=["inference"])
 
@@ -28,7 +28,12 @@ class ModelInfoOut(ModelOut):
     )
 
 
-@router.get("/model", response_model=ModelInfoOut, summary="The model serving now")
+@router.get(
+    "/model",
+    response_model=ModelInfoOut,
+    responses=error_responses(401, 503),
+    summary="The model serving now",
+)
 async def model_info(state: ReadyState, _: CurrentUser) -> ModelInfoOut:
     bundle = state.service.bundle
     assert bundle is not None  # ReadyState guarantees it

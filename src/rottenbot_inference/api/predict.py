@@ -40,6 +40,7 @@ _REJECTIONS = (
         400: {"model": ErrorOut, "description": "Not a JPEG/PNG, or a corrupt image"},
         401: {"model": ErrorOut, "description": "Missing, invalid, expired or revoked token"},
         403: {"model": ErrorOut, "description": "user_uid is not the token's user"},
+        408: {"model": ErrorOut, "description": "The upload arrived too slowly; connection closed"},
         413: {"model": ErrorOut, "description": "Upload or image dimensions over the limit"},
         429: {"model": ErrorOut, "description": "Over the per-user rate limit; see Retry-After"},
         500: {"model": ErrorOut, "description": PREDICTION_FAILED},

@@ -60,6 +60,27 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid request",
+    401: "Missing, invalid, expired or revoked token (WWW-Authenticate: Bearer)",
+    403: "Forbidden",
+    404: "Not found",
+    408: "The request body arrived too slowly; the connection is closed",
+    413: "Request body over the upload limit",
+    429: "Too many requests; see Retry-After",
+    500: "Internal error",
+    503: "Not ready, overloaded or a dependency is down; see Retry-After",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error codes (`{"detail": ...}` bodies). Every status a route
+    can answer must be declared: tests/test_api_fuzz.py checks it."""
+    return {
+        code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes
+    }
+
+
 class ModelOut(BaseModel):
     name: str
     version: str
