@@ -26,6 +26,7 @@ import uvicorn
 from rottenbot_inference.api.admission import AdmissionController
 from rottenbot_inference.app import create_app
 from rottenbot_inference.inference.bundle import ModelBundle
+from rottenbot_inference.inference.pace import Pace
 from rottenbot_inference.settings import Settings
 from tests.helpers import TEST_SECRET, free_port, jpeg_bytes, token, wait_ready
 from tests.servers_mlflow import metric_value
@@ -46,10 +47,12 @@ class GatedRuntime:
         self.gate.set()
         self.entered = threading.Event()
         self.seen: list[int] = []
+        self.delay_s = 0.0  # a slow model: this long per batch
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         self.entered.set()
         assert self.gate.wait(120), "the test never opened the gate"
+        time.sleep(self.delay_s)
         self.seen.extend(round(float(value)) for value in batch[:, 0, 0, 0])
         return np.full((len(batch), self.classes), 1 / self.classes, np.float32)
 
@@ -188,13 +191,35 @@ def rejections(server: Server, reason: str) -> float:
 
 def test_controller_refuses_over_the_inflight_cap_or_the_wait_estimate() -> None:
     controller = AdmissionController(max_inflight=3, max_queue_wait_ms=100)
-    assert controller.refusal(per_image_ms=0) is None  # nothing measured yet: admit
+    assert controller.refusal(interval_ms=0) is None  # nothing measured yet: admit
     controller.inflight = 2
-    assert controller.refusal(per_image_ms=40) is None  # 80 ms expected
-    assert controller.refusal(per_image_ms=60) == "queue_wait"  # 120 ms expected
+    assert controller.refusal(interval_ms=40) is None  # 80 ms expected
+    assert controller.refusal(interval_ms=60) == "queue_wait"  # 120 ms expected
     controller.inflight = 3
-    assert controller.refusal(per_image_ms=0) == "inflight_limit"
-    assert AdmissionController(3, 0).refusal(per_image_ms=1e6) is None  # estimate off
+    assert controller.refusal(interval_ms=0) == "inflight_limit"
+    assert AdmissionController(3, 0).refusal(interval_ms=1e6) is None  # estimate off
+
+
+def test_pace_counts_busy_time_between_answers_only() -> None:
+    now = [100.0]
+    pace = Pace(weight=0.5, clock=lambda: now[0])
+    pace.started()
+    now[0] += 0.040
+    pace.finished(answered=True)
+    assert pace.interval_ms == pytest.approx(40)  # the first: its time since work started
+    now[0] += 10  # idle: never counted
+    pace.started()
+    pace.started()
+    now[0] += 0.010
+    pace.finished(answered=False)  # failures are not answers
+    now[0] += 0.010
+    pace.finished(answered=True)  # 20 ms since the busy period began
+    assert pace.interval_ms == pytest.approx(30)
+    pace.started()
+    now[0] += 0.030
+    pace.finished(answered=True)
+    assert pace.interval_ms == pytest.approx(30)
+    assert pace.active == 0
 
 
 def test_default_inflight_cap_is_what_the_batcher_holds() -> None:
@@ -241,21 +266,17 @@ def test_over_the_inflight_cap_is_503_before_the_body_is_read_then_recovers(
     assert runtime.seen == [40, 80, 160]  # the refused image was never decoded nor computed
 
 
-def test_wait_estimate_sheds_once_the_model_is_measured_slow(
+def test_wait_estimate_sheds_once_the_service_is_measured_slow(
     serve: Callable[..., Server],
 ) -> None:
     server = serve(max_inflight_requests=100, max_queue_wait_ms=50)
     runtime = server.runtime
     before = rejections(server, "queue_wait")
-    # One slow image (held 0.3 s) teaches the batcher that an image costs >= 300 ms.
-    runtime.gate.clear()
-    with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(post, server, solid(40))
-        assert runtime.entered.wait(60)
-        time.sleep(0.3)
-        runtime.gate.set()
-        assert slow.result().status_code == 200
-    assert server.state.service.batcher.per_image_ms >= 300
+    # One slow answer (the model takes 0.3 s) teaches the service an answer takes >= 300 ms.
+    runtime.delay_s = 0.3
+    assert post(server, solid(40)).status_code == 200
+    runtime.delay_s = 0
+    assert server.state.service.pace.interval_ms >= 300
 
     runtime.gate.clear()
     with ThreadPoolExecutor(1) as pool:

@@ -115,8 +115,8 @@ class Settings(BaseSettings):
     )
     max_queue_wait_ms: float = Field(
         500.0, ge=0,
-        description="503 at once when (admitted requests x recent model time per image) exceeds "
-        "this estimate of the wait; 0: off",
+        description="503 at once when the estimated wait (admitted requests x recent time "
+        "between two answers while busy) exceeds this; 0: off",
     )
 
     @property

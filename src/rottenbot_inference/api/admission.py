@@ -7,8 +7,9 @@ first, from two plain numbers, before the body is read:
 
 - admitted predict requests (reading, decoding, queued or computing) must stay under
   MAX_INFLIGHT_REQUESTS (default: what the batcher can hold, QUEUE_CAPACITY + MAX_BATCH_SIZE);
-- the estimated wait, admitted requests x the model's recent time per image (a moving average
-  kept by the batcher), must stay under MAX_QUEUE_WAIT_MS (a slower model sheds sooner).
+- the estimated wait, admitted requests x the recent interval between two answers while busy
+  (inference/pace.py: decode, queue and model together), must stay under MAX_QUEUE_WAIT_MS,
+  so that a slower model, bigger images or fewer cores shed sooner.
 
 A refused request gets 503 + Retry-After at once (the body is left unread; uvicorn discards
 it and keeps the connection) and is counted in `inference_rejected_requests_total` with reason
@@ -48,10 +49,11 @@ class AdmissionController:
         self.max_queue_wait_ms = max_queue_wait_ms
         self.inflight = 0  # touched only on the event loop: no lock
 
-    def refusal(self, per_image_ms: float) -> str | None:
+    def refusal(self, interval_ms: float) -> str | None:
+        """`interval_ms`: the recent time between two answers while busy (0: not measured)."""
         if self.inflight >= self.max_inflight:
             return "inflight_limit"
-        if self.max_queue_wait_ms > 0 and self.inflight * per_image_ms > self.max_queue_wait_ms:
+        if self.max_queue_wait_ms > 0 and self.inflight * interval_ms > self.max_queue_wait_ms:
             return "queue_wait"
         return None
 
@@ -87,9 +89,9 @@ class AdmissionMiddleware:
             return
         scope.setdefault("state", {})[ARRIVED_AT] = time.monotonic()
         state = _state(scope)
-        per_image_ms = state.service.batcher.per_image_ms if state is not None else 0.0
+        interval_ms = state.service.pace.interval_ms if state is not None else 0.0
         controller = self.controller
-        reason = controller.refusal(per_image_ms)
+        reason = controller.refusal(interval_ms)
         if reason is not None:
             record_rejection(reason)
             await send({**self._refusal_start})  # fresh dicts: a layer may rewrite them

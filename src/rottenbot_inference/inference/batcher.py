@@ -7,8 +7,7 @@ to the event loop. A full queue is refused at once (`QueueFull` -> 503), never w
 
 A request's deadline is absolute (set when the request arrived, see api/admission.py), so the
 time spent reading and decoding the upload counts against it. Dropped jobs are counted by
-reason (`dropped`), and `per_image_ms` tracks the model's recent cost per image for the
-admission controller's queue-wait estimate.
+reason (`dropped`).
 """
 
 from __future__ import annotations
@@ -90,11 +89,10 @@ class Batcher:
         self._carry: _Job | None = None
         self.in_flight = 0  # jobs taken off the queue and not yet answered
         # Counters each written by one thread only (the inference thread, or the event loop for
-        # `_late`) and read anywhere: plain ints and a float, no lock.
+        # `_late`) and read anywhere: plain ints, no lock.
         self.computed = 0  # images run through the model
         self._skipped = {"cancelled": 0, "deadline": 0}  # jobs taken off the queue, not run
         self._late = 0  # (event loop) requests whose deadline passed before they were queued
-        self.per_image_ms = 0.0  # moving average of compute time per image (0: none yet)
 
     @property
     def queued(self) -> int:
@@ -232,7 +230,6 @@ class Batcher:
         finished = time.monotonic()
         compute_ms = (finished - started) * 1000
         self.computed += len(batch)
-        self._track_cost(compute_ms / len(batch))
         queue_ms = [(started - job.enqueued) * 1000 for job in batch]
         span = self._batch_span(batch, queue_ms, started_ns)
         span_context = None if span is None else span.get_span_context()
@@ -250,11 +247,6 @@ class Batcher:
         if span is not None:
             span.end(end_time=started_ns + int((finished - started) * 1e9))
         telemetry_metrics.record_batch(compute_ms, len(batch), queue_ms)
-
-    def _track_cost(self, per_image_ms: float) -> None:
-        """Exponential moving average (weight 0.2) of the model's time per image."""
-        previous = self.per_image_ms
-        self.per_image_ms = per_image_ms if previous == 0 else 0.8 * previous + 0.2 * per_image_ms
 
     @staticmethod
     def _batch_span(batch: list[_Job], queue_ms: list[float], started_ns: int) -> Any:

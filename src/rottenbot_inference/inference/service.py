@@ -16,6 +16,7 @@ import numpy as np
 from rottenbot_inference.inference.batcher import Batcher, BatchResult, DeadlineExceeded
 from rottenbot_inference.inference.bundle import ModelBundle
 from rottenbot_inference.inference.images import ImagePreprocessor, PreparedImage
+from rottenbot_inference.inference.pace import Pace
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.telemetry import metrics as telemetry_metrics
 from rottenbot_inference.telemetry import traced
@@ -68,6 +69,7 @@ class InferenceService:
             max_delay_s=settings.max_batch_delay_ms / 1000,
             capacity=settings.queue_capacity,
         )
+        self.pace = Pace()  # time between answers while busy (admission's wait estimate)
 
     @property
     def bundle(self) -> ModelBundle | None:
@@ -110,6 +112,19 @@ class InferenceService:
         bundle, preprocessor = serving
         if deadline is None:
             deadline = time.monotonic() + self.settings.request_timeout_s
+        self.pace.started()
+        answered = False
+        try:
+            classification = await self._classify(bundle, preprocessor, data, top_k, deadline)
+            answered = True
+            return classification
+        finally:
+            self.pace.finished(answered)
+
+    async def _classify(
+        self, bundle: ModelBundle, preprocessor: ImagePreprocessor, data: bytes, top_k: int,
+        deadline: float,
+    ) -> Classification:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         with traced("preprocess_image") as span:

@@ -1,0 +1,46 @@
+"""How fast the service answers when it is busy: the time between two answered images.
+
+The admission controller's wait estimate is `requests ahead x interval`. The interval is
+measured where the work is (decode + queue + model: `InferenceService.classify`), not from the
+model alone, because on a few cores decoding and the HTTP stack cost as much as the model. A
+sample is the time since the previous answer, or since the pipeline last went from idle to
+busy, whichever is later, so idle time never counts; a slow upload does not count either (the
+body has arrived before `classify` starts). Samples are averaged exponentially: with
+micro-batching, answers come in bursts and the mean of the samples is what matters.
+
+Event loop only: plain attributes, no lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class Pace:
+    """Exponential moving average of the interval between answers while busy."""
+
+    def __init__(
+        self, weight: float = 0.05, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.weight = weight
+        self._clock = clock
+        self.active = 0  # images between the start of decode and their answer
+        self.interval_ms = 0.0  # 0 until the first answer
+        self._mark = 0.0  # the later of: the last answer, the start of the busy period
+
+    def started(self) -> None:
+        if self.active == 0:
+            self._mark = self._clock()
+        self.active += 1
+
+    def finished(self, answered: bool) -> None:
+        """One image left the pipeline; `answered`: it was classified (failures don't count)."""
+        self.active -= 1
+        if not answered:
+            return
+        now = self._clock()
+        sample = (now - self._mark) * 1000
+        self._mark = now
+        previous = self.interval_ms
+        self.interval_ms = sample if previous == 0 else previous + self.weight * (sample - previous)
