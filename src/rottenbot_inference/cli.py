@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import uuid
@@ -55,6 +56,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the HTTP API (uvicorn with uvloop and httptools)."""
     import uvicorn
 
+    from rottenbot_inference.http_protocol import HeaderTimeoutProtocol
+
     overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v}
     settings = Settings(**overrides)
     _configure_logging(settings)
@@ -62,7 +65,10 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": "httptools",
+        # httptools, plus a deadline on request headers (slow-loris; see http_protocol.py)
+        "http": functools.partial(
+            HeaderTimeoutProtocol, header_timeout_s=settings.header_read_timeout_s
+        ),
         "lifespan": "on",
         "log_config": None,
         "access_log": False,

@@ -26,8 +26,10 @@ class ServiceUnavailable(Exception):
 
 
 class PayloadTooLarge(HTTPException):
+    """A 413; the connection is closed after it (the rest of the body is not read)."""
+
     def __init__(self, detail: str) -> None:
-        super().__init__(status_code=413, detail=detail)
+        super().__init__(status_code=413, detail=detail, headers={"Connection": "close"})
 
 
 class RequestTimeout(HTTPException):
