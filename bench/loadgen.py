@@ -37,6 +37,9 @@ PREDICT = "/api/v1/inference/predict"
 class Results:
     latencies_ms: list[float] = field(default_factory=list)
     statuses: Counter = field(default_factory=Counter)
+    # Per request, in the order answered: intended send time (s after start) and status.
+    sent_s: list[float] = field(default_factory=list)
+    codes: list[int | str] = field(default_factory=list)
     started: float = 0.0
     finished: float = 0.0
 
@@ -82,6 +85,8 @@ class Client:
             status = type(exc).__name__
         self.results.latencies_ms.append((time.perf_counter() - intended) * 1000)
         self.results.statuses[status] += 1
+        self.results.sent_s.append(intended - self.results.started)
+        self.results.codes.append(status)
 
 
 async def open_loop(client: Client, rate: float, duration: float, poisson: bool) -> Results:

@@ -25,6 +25,14 @@ UNDECLARED_CONTENT_TYPES = frozenset({"", "application/octet-stream"})
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _EXIF_ORIENTATION = 0x0112
+_JPEG_SOS = b"\xff\xda"
+# Progressive JPEGs from real encoders have 6-12 scans. Every scan is a pass over all of the
+# image's blocks, so a small file repeating one scan thousands of times costs minutes of CPU
+# (a 22 KB, 2000x2000 file with 500 scans took 3.7 s to decode; see docs/security.md).
+MAX_JPEG_SCANS = 32
+# Colour conversions run over this many rows at a time, so their float temporaries stay small
+# (whole-image float32/float64 copies of a 36 MP image took 1-2 GB).
+_BLOCK_ROWS = 256
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 cv2.setNumThreads(1)  # our own thread pool parallelises across requests
@@ -56,7 +64,7 @@ class CorruptImage(ImageError):
 
 
 class ImageTooLarge(ImageError):
-    """Over the pixel limit."""
+    """Over the pixel limit, or too costly to decode (a JPEG with too many scans)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,20 +160,83 @@ def _check_png_chunks(data: bytes) -> None:
         offset = stop + 4
 
 
+def _jpeg_scan_count(data: bytes, limit: int) -> int:
+    """Scans (SOS segments) of a JPEG; exact once the fast count says more than `limit`.
+
+    Entropy-coded data never holds an unstuffed 0xFF, so counting FF DA over-counts only
+    markers inside metadata (an EXIF thumbnail's own scans); the walk skips those segments.
+    """
+    fast = data.count(_JPEG_SOS)
+    if fast <= limit:
+        return fast
+    scans, pos, end = 0, 2, len(data)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length field
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        if scans > limit:
+            break
+        while True:  # to the next marker after the scan's entropy-coded data
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= end:
+                return scans
+            following = data[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte, restart
+                pos += 2
+            elif following == 0xFF:
+                pos += 1
+            else:
+                break
+    return scans
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> np.ndarray:
+    """A 16-bit (or 32-bit) grayscale image scaled to 8 bits, replicated to RGB."""
+    values = np.asarray(image)
+    scale = 255.0 if image.mode == "F" else 65535.0
+    out = np.empty((*values.shape[:2], 3), np.uint8)
+    for start in range(0, values.shape[0], _BLOCK_ROWS):
+        block = values[start : start + _BLOCK_ROWS].astype(np.float64)
+        gray = np.clip(np.rint(block * (255.0 / scale)), 0, 255)
+        out[start : start + _BLOCK_ROWS] = gray[:, :, None]
+    return out
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA uint8 -> RGB uint8 over a white background."""
+    out = np.empty((*rgba.shape[:2], 3), np.uint8)
+    for start in range(0, rgba.shape[0], _BLOCK_ROWS):
+        block = rgba[start : start + _BLOCK_ROWS].astype(np.float32)
+        alpha = block[:, :, 3:4] / 255.0
+        blended = block[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+        out[start : start + _BLOCK_ROWS] = np.clip(np.rint(blended), 0, 255)
+    return out
+
+
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """Any Pillow image -> RGB uint8; alpha is composited on white, 16-bit scaled to 8."""
+    """Any Pillow image -> RGB uint8; alpha is composited on white, 16-bit scaled to 8.
+
+    Works in row blocks and converts only when the mode differs, so the peak memory is the
+    decoded image plus one uint8 copy, whatever the mode.
+    """
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if image.mode == "F" else 65535.0
-        gray = np.clip(np.rint(values * (255.0 / scale)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return _sixteen_bit_to_rgb(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or ("transparency" in image.info)
     if not has_alpha:
-        return np.asarray(image.convert("RGB"))
-    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-    alpha = rgba[:, :, 3:4] / 255.0
-    blended = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    return _composite_on_white(
+        np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
+    )
 
 
 class ImagePreprocessor:
@@ -176,10 +247,12 @@ class ImagePreprocessor:
         size: tuple[int, int],
         max_pixels: int,
         dct_scaling: bool = True,
+        max_jpeg_scans: int = MAX_JPEG_SCANS,
     ) -> None:
         self.height, self.width = size
         self.max_pixels = max_pixels
         self.dct_scaling = dct_scaling
+        self.max_jpeg_scans = max_jpeg_scans
 
     def prepare(self, data: bytes) -> PreparedImage:
         """Decode, orient and resize; raises an ImageError subclass for bad input."""
@@ -210,6 +283,13 @@ class ImagePreprocessor:
     def _prepare(self, data: bytes, image_format: ImageFormat) -> PreparedImage:
         if image_format is ImageFormat.PNG:
             _check_png_chunks(data)
+        else:
+            scans = _jpeg_scan_count(data, self.max_jpeg_scans)
+            if scans > self.max_jpeg_scans:
+                raise ImageTooLarge(
+                    f"The JPEG has more than {self.max_jpeg_scans} scans; it would be too costly "
+                    "to decode."
+                )
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width <= 0 or height <= 0:
@@ -219,11 +299,13 @@ class ImagePreprocessor:
                     f"The image has {width}x{height} pixels; the limit is {self.max_pixels}."
                 )
             if image_format is ImageFormat.JPEG and image.mode in ("RGB", "L"):
+                orientation = _orientation(image)
                 rgb = self._decode_jpeg(data, width, height)
             else:
                 image.load()  # before getexif: a PNG's eXIf chunk may follow its image data
+                orientation = _orientation(image)
                 rgb = _pil_to_rgb(image)
-            orientation = _orientation(image)
+        # Pillow's copy of the pixels is released here, before resizing.
         return PreparedImage(
             pixels=self._resize(rgb, orientation),
             format=image_format,
