@@ -40,6 +40,7 @@ class Results:
     # Per request, in the order answered: intended send time (s after start) and status.
     sent_s: list[float] = field(default_factory=list)
     codes: list[int | str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # per request: "<W>x<H>.<ext>" of its image
     started: float = 0.0
     finished: float = 0.0
 
@@ -55,7 +56,26 @@ class Results:
             **{k: round(v, 2) for k, v in pct.items()},
             "max": round(float(np.max(lat)), 2),
             "elapsed_s": round(elapsed, 2),
+            **({"by_image": self.by_kind()} if len(set(self.kinds)) > 1 else {}),
         }
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Latency percentiles per upload kind (size and format), for mixed-size runs."""
+        groups: dict[str, list[float]] = {}
+        for kind, latency in zip(self.kinds, self.latencies_ms, strict=True):
+            groups.setdefault(kind, []).append(latency)
+        return {
+            kind: {"requests": len(values),
+                   **{f"p{p}": round(float(np.percentile(values, p)), 2) for p in (50, 99)}}
+            for kind, values in sorted(groups.items(), key=lambda item: _pixels(item[0]))
+        }
+
+
+def _pixels(kind: str) -> tuple[int, str]:
+    """Sort key of "1024x768.jpg": pixel count, then format."""
+    size, _, ext = kind.partition(".")
+    width, _, height = size.partition("x")
+    return (int(width) * int(height) if width.isdigit() and height.isdigit() else 0, ext)
 
 
 class Client:
@@ -87,6 +107,7 @@ class Client:
         self.results.statuses[status] += 1
         self.results.sent_s.append(intended - self.results.started)
         self.results.codes.append(status)
+        self.results.kinds.append(name.rpartition("_")[2])
 
 
 async def open_loop(client: Client, rate: float, duration: float, poisson: bool) -> Results:

@@ -174,8 +174,8 @@ def test_drainer_retries_with_backoff_until_the_store_recovers(tmp_path: Path) -
         await outbox.open()
         store = FlakyStore(tmp_path / "images", failures=5)
         executor = ThreadPoolExecutor(4)
-        drainer = Drainer(outbox, store, repository, executor, batch_size=4,
-                          retry_base_s=0.01, retry_max_s=0.05)
+        drainer = Drainer(outbox, executor, batch_size=4, retry_base_s=0.01, retry_max_s=0.05)
+        drainer.attach(store, repository)
         drainer.start()
         records = [record() for _ in range(10)]
         for r in records:

@@ -99,7 +99,6 @@ def create_app(
         blocklist = await start_blocklist(settings)
         rate_limiter = build_rate_limiter(settings)
         store = PredictionStore(settings)
-        await store.start()  # opens the durable outbox (resuming what is left) and drains it
         state = AppState(
             settings=settings, service=service, verifier=verifier, blocklist=blocklist,
             rate_limiter=rate_limiter,
@@ -110,6 +109,9 @@ def create_app(
         service.start()
         loading = asyncio.create_task(load_model(state))
         loading.add_done_callback(lambda task: _report(task, on_fatal))
+        # The durable outbox opens now (saves are safe from the first request); the database and
+        # image store clients are built once the model is ready, off the readiness path.
+        await store.start(after=loading)
         hangup = _on_sighup(state)
         # SIGTERM/SIGINT: drain first, then let the server close (shutdown.py).
         unchain = GracefulShutdown(state, settings.shutdown_delay_s).install()

@@ -24,11 +24,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
-from rottenbot_inference.storage.db import PredictionRepository
-from rottenbot_inference.storage.images import ImageStore
 from rottenbot_inference.storage.outbox import Entry, Outbox
 from rottenbot_inference.telemetry import SpanContext, traced
+
+if TYPE_CHECKING:
+    from rottenbot_inference.storage.db import PredictionRepository
+    from rottenbot_inference.storage.images import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,6 @@ class Drainer:
     def __init__(
         self,
         outbox: Outbox,
-        images: ImageStore,
-        repository: PredictionRepository,
         executor: Executor,
         *,
         batch_size: int = 16,
@@ -54,8 +55,8 @@ class Drainer:
         ensure_schema: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.outbox = outbox
-        self.images = images
-        self.repository = repository
+        self.images: ImageStore | None = None  # set by `attach`, before `start`
+        self.repository: PredictionRepository | None = None
         self.executor = executor
         self.batch_size = batch_size
         self.upload_concurrency = upload_concurrency
@@ -99,7 +100,13 @@ class Drainer:
         if span_context is not None:
             self._request_spans[uid] = span_context
 
+    def attach(self, images: ImageStore, repository: PredictionRepository) -> None:
+        """Where drained items go; built after the drainer (off the readiness path)."""
+        self.images, self.repository = images, repository
+
     def start(self) -> None:
+        if self.images is None or self.repository is None:
+            raise RuntimeError("Drainer.start before attach")
         self._task = asyncio.create_task(self._run(), name="outbox-drainer")
 
     def cut_short(self) -> None:

@@ -5,6 +5,10 @@
 - History reads merge the database with the saves still pending in the outbox, so a user sees
   their save at once, even while the database or image store is down (read-your-writes).
 - Everything is scoped by the caller's user uid: another user's prediction is simply not found.
+- Start-up: only the outbox (stdlib sqlite3) is opened on the readiness path. The database
+  engine and image store clients (SQLAlchemy, asyncpg, boto3, Alembic: about a third of the
+  process's imports) are built in a thread once the model is ready, so they never delay
+  readiness; saves meanwhile wait safely in the outbox, history reads wait for them briefly.
 """
 
 from __future__ import annotations
@@ -22,34 +26,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from rottenbot_inference.settings import Settings
-from rottenbot_inference.storage.db import (
-    Cursor,
-    PredictionRepository,
-    create_engine,
-    database_url,
-    migrate,
-)
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
-from rottenbot_inference.storage.images import (
-    ImageStore,
-    ImageStoreError,
-    StoredImage,
-    build_image_store,
-)
+from rottenbot_inference.storage.images import ImageStore, ImageStoreError, StoredImage
 from rottenbot_inference.storage.outbox import Outbox, OutboxError, OutboxFull
 from rottenbot_inference.storage.records import STORED_TOP_K, PredictionRecord, object_key
 from rottenbot_inference.telemetry.tracing import current_span_context, traced
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from rottenbot_inference.inference.service import Classification
+    from rottenbot_inference.storage.db import Cursor, PredictionRepository
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 100
-_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+CONNECT_AT_LATEST_S = 10.0  # backends are built after the model is ready, or after this
+DATABASE_BACKENDS = ("postgresql", "postgres", "sqlite")
 
 
 class StorageUnavailable(Exception):
@@ -82,6 +77,17 @@ def encode_cursor(key: Cursor) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def check_database_url(settings: Settings) -> None:
+    """Refuse an unsupported DATABASE_URL at start (cheaply: no SQLAlchemy import here)."""
+    if settings.database_url is None:
+        return
+    scheme = settings.database_url.get_secret_value().partition(":")[0]
+    if scheme.partition("+")[0].lower() not in DATABASE_BACKENDS:
+        raise ValueError(
+            f"unsupported DATABASE_URL backend {scheme!r} (PostgreSQL or SQLite)"
+        )
+
+
 def decode_cursor(cursor: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
@@ -98,13 +104,15 @@ class PredictionStore:
     """Owns the outbox, the drainer, the database engine and the image store."""
 
     def __init__(self, settings: Settings, images: ImageStore | None = None) -> None:
+        check_database_url(settings)
         self.settings = settings
-        self.url = database_url(settings)
-        self.engine = create_engine(
-            self.url, timeout_s=settings.database_timeout_s, pool_size=settings.database_pool_size
-        )
-        self.repository = PredictionRepository(self.engine)
-        self.images = images or build_image_store(settings)
+        # Built by `_connect` (in a thread, off the readiness path); see the module docstring.
+        self.url: URL | None = None
+        self.engine: AsyncEngine | None = None
+        self.repository: PredictionRepository | None = None
+        self.images: ImageStore | None = images
+        self._connected = asyncio.Event()
+        self._connecting: asyncio.Task[None] | None = None
         self.outbox = Outbox(
             settings.outbox_dir or settings.data_dir / "outbox",
             max_items=settings.outbox_max_items,
@@ -115,8 +123,6 @@ class PredictionStore:
         )
         self.drainer = Drainer(
             self.outbox,
-            self.images,
-            self.repository,
             self.executor,
             batch_size=settings.outbox_batch_size,
             upload_concurrency=settings.outbox_upload_concurrency,
@@ -131,21 +137,55 @@ class PredictionStore:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Open the outbox (resuming what is left) and start draining; never waits for the
-        database or image store, which may be down at start."""
+    async def start(self, after: asyncio.Future[Any] | None = None) -> None:
+        """Open the outbox (saves are accepted from now on); connect the database and image
+        store once `after` (the model load) is done, or CONNECT_AT_LATEST_S at the latest, then
+        drain. Never waits for the database or image store, which may be down at start."""
         await self.outbox.open()
+        self._connecting = asyncio.create_task(self._connect(after), name="storage-connect")
+
+    async def _connect(self, after: asyncio.Future[Any] | None) -> None:
+        if after is not None:
+            await asyncio.wait({after}, timeout=CONNECT_AT_LATEST_S)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._build_backends)
+        assert self.url is not None and self.images is not None
         log.info(
             "saved predictions: database %s, images in %s, outbox %s",
             self.url.render_as_string(hide_password=True), self.images.description,
             self.outbox.path,
         )
+        assert self.repository is not None
+        self.drainer.attach(self.images, self.repository)
         self.drainer.start()
+        self._connected.set()
         if not self._schema_ready:
             self._migrating = asyncio.create_task(self._migrate_until_done(), name="migrate")
 
+    def _build_backends(self) -> None:
+        """Import and build the database engine and image store client (in a thread)."""
+        from rottenbot_inference.storage.db import (
+            PredictionRepository,
+            create_engine,
+            database_url,
+        )
+        from rottenbot_inference.storage.images import build_image_store
+
+        settings = self.settings
+        self.url = database_url(settings)
+        self.engine = create_engine(
+            self.url, timeout_s=settings.database_timeout_s, pool_size=settings.database_pool_size
+        )
+        self.repository = PredictionRepository(self.engine)
+        if self.images is None:
+            self.images = build_image_store(settings)
+
     async def stop(self) -> None:
         """Drain for the grace period, then close; pending saves stay in the outbox."""
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()  # never connected: everything stays in the outbox
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
         if self._migrating is not None:
             self._migrating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,7 +193,8 @@ class PredictionStore:
         grace_s = 0.0 if self._hurried else self.settings.outbox_shutdown_grace_s
         await self.drainer.stop(grace_s)
         await self.outbox.close()
-        await self.engine.dispose()
+        if self.engine is not None:
+            await self.engine.dispose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def hurry(self) -> None:
@@ -166,6 +207,9 @@ class PredictionStore:
             return
         async with self._schema_lock:
             if not self._schema_ready:
+                from rottenbot_inference.storage.db import migrate
+
+                assert self.url is not None
                 await migrate(self.url)
                 self._schema_ready = True
                 log.info("database schema is at head")
@@ -250,8 +294,8 @@ class PredictionStore:
         """The user's saved predictions, newest first; pass `next_cursor` for the next page."""
         limit = max(1, min(limit, MAX_PAGE_SIZE))
         after = decode_cursor(cursor) if cursor else None
-        async with self._database():
-            stored = await self.repository.page(user_uid, limit + 1, after, class_name)
+        async with self._database() as repository:
+            stored = await repository.page(user_uid, limit + 1, after, class_name)
         merged = {record.uid: SavedPrediction(record, pending=False) for record in stored}
         for entry in self.outbox.entries():
             record = entry.record
@@ -271,8 +315,8 @@ class PredictionStore:
         entry = self.outbox.get(uid)
         if entry is not None and entry.record.user_uid == user_uid:
             return SavedPrediction(entry.record, pending=True)
-        async with self._database():
-            record = await self.repository.get(user_uid, uid)
+        async with self._database() as repository:
+            record = await repository.get(user_uid, uid)
         return None if record is None else SavedPrediction(record, pending=False)
 
     async def open_image(self, user_uid: uuid.UUID, uid: uuid.UUID) -> StoredImage | None:
@@ -286,11 +330,11 @@ class PredictionStore:
             if data is not None:
                 content_type = entry.record.content_type or "application/octet-stream"
                 return StoredImage(content_type, len(data), iter([data]))
-        async with self._database():
-            record = await self.repository.get(user_uid, uid)
+        async with self._database() as repository:
+            record = await repository.get(user_uid, uid)
         if record is None:
             return None
-        return await self._images(self.images.get, record.image_path)
+        return await self._images("get", record.image_path)
 
     async def delete(self, user_uid: uuid.UUID, uid: uuid.UUID) -> bool:
         """Remove row, image and any pending save; False if the user has no such prediction.
@@ -307,39 +351,61 @@ class PredictionStore:
                 entry.claim()
                 try:
                     # A previous drain attempt may have stored the image, or even the row.
-                    await self._images(self.images.delete, entry.record.image_path)
-                    async with self._database():
-                        await self.repository.delete(user_uid, uid)
+                    await self._images("delete", entry.record.image_path)
+                    async with self._database() as repository:
+                        await repository.delete(user_uid, uid)
                     await self.outbox.remove([uid])
                     self.drainer.forget(uid)
                 finally:
                     entry.release()
                 return True
-        async with self._database():
-            record = await self.repository.get(user_uid, uid)
+        async with self._database() as repository:
+            record = await repository.get(user_uid, uid)
         if record is None:
             return False
-        await self._images(self.images.delete, record.image_path)
-        async with self._database():
-            await self.repository.delete(user_uid, uid)
+        await self._images("delete", record.image_path)
+        async with self._database() as repository:
+            await repository.delete(user_uid, uid)
         return True
 
     # --- helpers ---------------------------------------------------------------------------
 
+    async def _backends(self) -> tuple[PredictionRepository, ImageStore]:
+        """The database repository and image store, waiting briefly if still being built."""
+        if not self._connected.is_set():
+            if self._connecting is None:
+                raise StorageUnavailable("Saved predictions are not available (not started).")
+            if self._connecting.done() and self._connecting.exception() is not None:
+                raise StorageUnavailable(
+                    "Saved predictions cannot be reached (storage set-up failed); see the logs."
+                )
+            try:
+                await asyncio.wait_for(self._connected.wait(), self.settings.database_timeout_s)
+            except TimeoutError:
+                raise StorageUnavailable(
+                    "Saved predictions are still starting up; retry shortly."
+                ) from None
+        assert self.repository is not None and self.images is not None
+        return self.repository, self.images
+
     @contextlib.asynccontextmanager
-    async def _database(self) -> AsyncIterator[None]:
+    async def _database(self) -> AsyncIterator[PredictionRepository]:
+        repository, _ = await self._backends()
+        from sqlalchemy.exc import SQLAlchemyError  # imported by now (the engine is built)
+
         try:
-            yield
-        except _DB_ERRORS as exc:
+            yield repository
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("database unavailable: %s", exc)
             raise StorageUnavailable(
                 "Saved predictions cannot be read right now (database unavailable); retry shortly."
             ) from exc
 
-    async def _images(self, function: Any, *args: Any) -> Any:
+    async def _images(self, operation: str, *args: Any) -> Any:
+        _, images = await self._backends()
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.executor, function, *args)
+            return await loop.run_in_executor(self.executor, getattr(images, operation), *args)
         except ImageStoreError as exc:
             log.warning("image store unavailable: %s", exc)
             raise StorageUnavailable(
