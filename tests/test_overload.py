@@ -190,8 +190,10 @@ def rejections(server: Server, reason: str) -> float:
 
 
 def test_controller_refuses_over_the_inflight_cap_or_the_wait_estimate() -> None:
-    controller = AdmissionController(max_inflight=3, max_queue_wait_ms=100)
+    controller = AdmissionController(max_inflight=3, max_queue_wait_ms=100, min_queue=2)
     assert controller.refusal(interval_ms=0) is None  # nothing measured yet: admit
+    controller.inflight = 1
+    assert controller.refusal(interval_ms=1000) is None  # under a batch: never by estimate
     controller.inflight = 2
     assert controller.refusal(interval_ms=40) is None  # 80 ms expected
     assert controller.refusal(interval_ms=60) == "queue_wait"  # 120 ms expected
@@ -204,9 +206,9 @@ def test_pace_counts_busy_time_between_answers_only() -> None:
     now = [100.0]
     pace = Pace(weight=0.5, clock=lambda: now[0])
     pace.started()
-    now[0] += 0.040
+    now[0] += 0.080
     pace.finished(answered=True)
-    assert pace.interval_ms == pytest.approx(40)  # the first: its time since work started
+    assert pace.interval_ms == pytest.approx(40)  # from 0, halfway to 80 (its own time)
     now[0] += 10  # idle: never counted
     pace.started()
     pace.started()
@@ -269,20 +271,20 @@ def test_over_the_inflight_cap_is_503_before_the_body_is_read_then_recovers(
 def test_wait_estimate_sheds_once_the_service_is_measured_slow(
     serve: Callable[..., Server],
 ) -> None:
-    server = serve(max_inflight_requests=100, max_queue_wait_ms=50)
+    server = serve(max_inflight_requests=100, max_queue_wait_ms=10)  # a batch: one image
     runtime = server.runtime
     before = rejections(server, "queue_wait")
-    # One slow answer (the model takes 0.3 s) teaches the service an answer takes >= 300 ms.
+    # One slow answer (the model takes 0.3 s): the average (weight 0.05) rises to >= 15 ms.
     runtime.delay_s = 0.3
     assert post(server, solid(40)).status_code == 200
     runtime.delay_s = 0
-    assert server.state.service.pace.interval_ms >= 300
+    assert server.state.service.pace.interval_ms >= 15
 
     runtime.gate.clear()
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(post, server, solid(80))  # admitted: nothing ahead of it
         poll(lambda: server.state.service.batcher.in_flight == 1, 60, "not computing")
-        refused = post(server, solid(120))  # one ahead x >= 300 ms > 50 ms
+        refused = post(server, solid(120))  # one ahead x >= 15 ms > 10 ms
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert rejections(server, "queue_wait") == before + 1
         runtime.gate.set()

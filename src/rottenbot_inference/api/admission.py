@@ -9,7 +9,9 @@ first, from two plain numbers, before the body is read:
   MAX_INFLIGHT_REQUESTS (default: what the batcher can hold, QUEUE_CAPACITY + MAX_BATCH_SIZE);
 - the estimated wait, admitted requests x the recent interval between two answers while busy
   (inference/pace.py: decode, queue and model together), must stay under MAX_QUEUE_WAIT_MS,
-  so that a slower model, bigger images or fewer cores shed sooner.
+  so that a slower model, bigger images or fewer cores shed sooner. The estimate is only
+  applied once a full batch (MAX_BATCH_SIZE) is already in, so that a short burst or a slow
+  request at normal load is never shed.
 
 A refused request gets 503 + Retry-After at once (the body is left unread; uvicorn discards
 it and keeps the connection) and is counted in `inference_rejected_requests_total` with reason
@@ -44,16 +46,21 @@ OVERLOADED = "The service is overloaded; retry shortly."
 class AdmissionController:
     """Counts admitted requests; `refusal` says why one more may not enter (None: it may)."""
 
-    def __init__(self, max_inflight: int, max_queue_wait_ms: float) -> None:
+    def __init__(self, max_inflight: int, max_queue_wait_ms: float, min_queue: int = 1) -> None:
         self.max_inflight = max_inflight
         self.max_queue_wait_ms = max_queue_wait_ms
+        self.min_queue = min_queue  # the wait estimate applies from this many admitted on
         self.inflight = 0  # touched only on the event loop: no lock
 
     def refusal(self, interval_ms: float) -> str | None:
         """`interval_ms`: the recent time between two answers while busy (0: not measured)."""
         if self.inflight >= self.max_inflight:
             return "inflight_limit"
-        if self.max_queue_wait_ms > 0 and self.inflight * interval_ms > self.max_queue_wait_ms:
+        if (
+            self.max_queue_wait_ms > 0
+            and self.inflight >= self.min_queue
+            and self.inflight * interval_ms > self.max_queue_wait_ms
+        ):
             return "queue_wait"
         return None
 
@@ -69,7 +76,7 @@ class AdmissionMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.controller = AdmissionController(
-            settings.effective_max_inflight, settings.max_queue_wait_ms
+            settings.effective_max_inflight, settings.max_queue_wait_ms, settings.max_batch_size
         )
         body = orjson.dumps({"detail": OVERLOADED})
         self._refusal_start = {

@@ -5,8 +5,10 @@ measured where the work is (decode + queue + model: `InferenceService.classify`)
 model alone, because on a few cores decoding and the HTTP stack cost as much as the model. A
 sample is the time since the previous answer, or since the pipeline last went from idle to
 busy, whichever is later, so idle time never counts; a slow upload does not count either (the
-body has arrived before `classify` starts). Samples are averaged exponentially: with
-micro-batching, answers come in bursts and the mean of the samples is what matters.
+body has arrived before `classify` starts). Samples are averaged exponentially from 0 (the
+average starts low and rises over the first few dozen answers, so a slow first request after
+start cannot make the service shed): with micro-batching, answers come in bursts and the mean
+of the samples is what matters.
 
 Event loop only: plain attributes, no lock.
 """
@@ -26,7 +28,7 @@ class Pace:
         self.weight = weight
         self._clock = clock
         self.active = 0  # images between the start of decode and their answer
-        self.interval_ms = 0.0  # 0 until the first answer
+        self.interval_ms = 0.0
         self._mark = 0.0  # the later of: the last answer, the start of the busy period
 
     def started(self) -> None:
@@ -42,5 +44,4 @@ class Pace:
         now = self._clock()
         sample = (now - self._mark) * 1000
         self._mark = now
-        previous = self.interval_ms
-        self.interval_ms = sample if previous == 0 else previous + self.weight * (sample - previous)
+        self.interval_ms += self.weight * (sample - self.interval_ms)
