@@ -150,7 +150,6 @@ def create_app(
         idle_timeout_s=settings.body_read_timeout_s,
         total_timeout_s=settings.request_read_timeout_s,
     )
-    app.add_middleware(SecurityHeadersMiddleware, docs_paths=_docs_paths(app))
     install_error_handlers(app)
     # Predict only: cancel the work of a client that went away (outside the body limits, so
     # it listens on the raw connection), and shed load before a body is read (admission.py).
@@ -162,6 +161,8 @@ def create_app(
     app.add_middleware(
         DrainingMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD
     )
+    # Security headers on every answer, the early refusals of the middleware above included.
+    app.add_middleware(SecurityHeadersMiddleware, docs_paths=_docs_paths(app))
     # Added last: outermost, so it also times and counts the body-size limit's early 413s.
     app.add_middleware(TelemetryMiddleware, access_log_enabled=settings.access_log)
     app.include_router(predict.router)
