@@ -25,6 +25,22 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model-cache")
 
 
+@pytest.fixture(scope="session")
+def converted_tiny_model(tiny_model: Path, shared_cache: Path, tmp_path_factory) -> Path:
+    """`tiny_model` with its verified ONNX conversion already in `shared_cache`: service
+    processes a test starts (MODEL_CACHE_DIR=shared_cache) load it without converting it."""
+    from rottenbot_inference.inference.loader import ModelLoader, source_from_settings
+
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        model_path=tiny_model,
+        model_cache_dir=shared_cache,
+        data_dir=tmp_path_factory.mktemp("convert"),
+    )
+    ModelLoader(settings).load(source_from_settings(settings))
+    return tiny_model
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, tiny_model: Path, shared_cache: Path) -> Callable[..., Settings]:
     def make(**overrides: object) -> Settings:

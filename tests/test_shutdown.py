@@ -106,7 +106,7 @@ def test_signal_chain_drains_first_passes_on_after_the_delay_and_hurries_on_a_re
     async def scenario(shutdown: GracefulShutdown) -> None:
         undo = shutdown.install()
         try:
-            assert signal.getsignal(signal.SIGTERM) == shutdown._on_signal
+            assert signal.getsignal(signal.SIGTERM) is not server_handler  # ours, via the loop
             os.kill(os.getpid(), signal.SIGTERM)
             await until(lambda: state.phase is Phase.DRAINING)
             assert passed_on == []  # the server is told only after the delay
@@ -151,11 +151,11 @@ def bucket(moto_s3: MotoS3Server) -> str:
 
 
 def service_env(
-    tiny_model: Path, shared_cache: Path, data_dir: Path, postgres: PostgresServer,
+    model: Path, shared_cache: Path, data_dir: Path, postgres: PostgresServer,
     database: str, moto_s3: MotoS3Server, bucket: str, **extra: str,
 ) -> dict[str, str]:
     return {
-        "MODEL_PATH": str(tiny_model),
+        "MODEL_PATH": str(model),
         "MODEL_CACHE_DIR": str(shared_cache),
         "DATA_DIR": str(data_dir),
         "JWT_SECRET": TEST_SECRET,
@@ -173,7 +173,10 @@ def service_env(
 
 
 def stored(postgres: PostgresServer, database: str) -> list[tuple[str, str]]:
-    """(uid, image_path) of every row, however many times a uid occurs."""
+    """(uid, image_path) of every row, however many times a uid occurs (none before the
+    service has created the table)."""
+    if postgres.psql("SELECT to_regclass('predictions') IS NOT NULL", database) != "t":
+        return []
     out = postgres.psql("SELECT uid, image_path FROM predictions ORDER BY uid", database)
     return [tuple(line.split("|")) for line in out.splitlines() if line]  # type: ignore[misc]
 
@@ -202,6 +205,10 @@ def access_log_statuses(log_path: Path, path: str) -> Counter[int]:
             if entry.get("logger") == "rottenbot_inference.access" and entry.get("path") == path:
                 counts[int(entry["status"])] += 1
     return counts
+
+
+def log_count(service: ServiceProcess, text: str) -> int:
+    return service.log_path.read_text(errors="replace").count(text)
 
 
 def post_save(base_url: str, user: uuid.UUID, seed: int) -> str:
@@ -327,12 +334,12 @@ def slow_upload(base_url: str, release: threading.Event) -> Iterator[concurrent.
 
 
 def test_sigterm_in_a_steady_stream_loses_no_accepted_request(
-    tiny_model: Path, shared_cache: Path, tmp_path: Path, postgres: PostgresServer,
+    converted_tiny_model: Path, shared_cache: Path, tmp_path: Path, postgres: PostgresServer,
     database: str, moto_s3: MotoS3Server, bucket: str,
 ) -> None:
     data_dir = tmp_path / "data"
     env = service_env(
-        tiny_model, shared_cache, data_dir, postgres, database, moto_s3, bucket,
+        converted_tiny_model, shared_cache, data_dir, postgres, database, moto_s3, bucket,
         SHUTDOWN_DELAY_S="1.5", OUTBOX_SHUTDOWN_GRACE_S="60",
     )
     service = ServiceProcess(env, tmp_path / "service.log")
@@ -342,6 +349,9 @@ def test_sigterm_in_a_steady_stream_loses_no_accepted_request(
     try:
         base_url = service.start()
         post_save(base_url, uuid.uuid4(), seed=0)  # warm: first connection, first save
+        # Steady state: storage connected and draining (the first save is in the database).
+        poll(lambda: len(stored(postgres, database)) == 1, timeout_s=120,
+             message="the first save never reached the database")
         with slow_upload(base_url, release) as slow, concurrent.futures.ThreadPoolExecutor(
             4
         ) as pool:
@@ -399,11 +409,13 @@ def test_sigterm_in_a_steady_stream_loses_no_accepted_request(
 
 
 def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
-    tiny_model: Path, shared_cache: Path, tmp_path: Path, postgres: PostgresServer,
+    converted_tiny_model: Path, shared_cache: Path, tmp_path: Path, postgres: PostgresServer,
     database: str, moto_s3: MotoS3Server, bucket: str,
 ) -> None:
     data_dir = tmp_path / "data"
-    env = service_env(tiny_model, shared_cache, data_dir, postgres, database, moto_s3, bucket)
+    env = service_env(
+        converted_tiny_model, shared_cache, data_dir, postgres, database, moto_s3, bucket
+    )
     service = ServiceProcess(env, tmp_path / "service.log")
     user = uuid.uuid4()
     acknowledged: list[str] = []
@@ -411,6 +423,8 @@ def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
         # Round 1: S3 hung, a 1 s grace runs out: exit 0, the saves stay in the outbox.
         service.env["OUTBOX_SHUTDOWN_GRACE_S"] = "1"
         base_url = service.start()
+        poll(lambda: "database schema is at head" in service.log_tail(100000),
+             message="the service never migrated the database")
         moto_s3.pause()
         acknowledged += [post_save(base_url, user, seed) for seed in range(4)]
         assert service.process is not None
@@ -420,14 +434,18 @@ def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
 
         # Round 2: still hung, a grace far longer than the test waits; SIGTERM twice hurries.
         service.env["OUTBOX_SHUTDOWN_GRACE_S"] = "3600"
+        failures_before = log_count(service, "saves not stored yet")
         base_url = service.start()
         acknowledged += [post_save(base_url, user, seed) for seed in range(10, 13)]
+        poll(lambda: log_count(service, "saves not stored yet") > failures_before,
+             message="the drainer never tried the hung S3")  # so the drain is under way
+        drains_before = log_count(service, "SIGTERM: draining")
         service.process.send_signal(signal.SIGTERM)
-        poll(lambda: "SIGTERM: draining" in service.log_tail(20000),
-             message="the first SIGTERM was not handled")
+        poll(lambda: log_count(service, "SIGTERM: draining") > drains_before,
+             message="the first SIGTERM was not handled")  # else two signals could merge
         service.process.send_signal(signal.SIGTERM)
         assert exit_code(service, timeout_s=120) == 0, service.log_tail()
-        assert "hurrying" in service.log_tail(20000)
+        assert log_count(service, "SIGTERM again: hurrying") == 1
         assert outbox_rows(data_dir) == 7 and stored(postgres, database) == []
 
         # Round 3: S3 back; the next start resumes the outbox and stores everything once.
@@ -448,11 +466,11 @@ def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
 
 
 def test_workers_each_drain_when_the_supervisor_gets_sigterm(
-    tiny_model: Path, shared_cache: Path, tmp_path: Path,
+    converted_tiny_model: Path, shared_cache: Path, tmp_path: Path,
 ) -> None:
     """`--workers 2`: uvicorn's supervisor sends SIGTERM to each worker, each drains."""
     env = {
-        "MODEL_PATH": str(tiny_model),
+        "MODEL_PATH": str(converted_tiny_model),
         "MODEL_CACHE_DIR": str(shared_cache),
         "DATA_DIR": str(tmp_path / "data"),
         "JWT_SECRET": TEST_SECRET,

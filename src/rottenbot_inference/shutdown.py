@@ -65,37 +65,40 @@ class GracefulShutdown:
         self._previous: dict[int, _Handler] = {}
         self._passed_on = False
         self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self) -> Callable[[], None]:
         """Chain in front of the current handlers; returns the undo. Only in the main thread,
-        and only where a server installed a handler of its own to pass the signal on to."""
+        and only where a server installed a handler of its own to pass the signal on to.
+
+        The signals are taken through the event loop (`add_signal_handler`), not with a plain
+        `signal.signal` handler: that one only runs when the main thread next executes Python
+        code, which an idle loop (waiting on the outbox drain, say) may not do for a long time.
+        """
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         for sig in HANDLED_SIGNALS:
             previous = signal.getsignal(sig)
-            if callable(previous) and previous is not signal.default_int_handler:
-                self._previous[sig] = previous
-                signal.signal(sig, self._on_signal)
+            if not callable(previous) or previous is signal.default_int_handler:
+                continue
+            try:
+                loop.add_signal_handler(sig, self.handle, sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue  # a loop without signal support: the server's handler stays
+            self._previous[sig] = previous
         if not self._previous:
             log.debug("no server signal handlers to chain: shutdown is the server's own")
-        return self._uninstall
+            return lambda: None
 
-    def _uninstall(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        for sig, previous in self._previous.items():
-            with contextlib.suppress(ValueError, TypeError):
-                if signal.getsignal(sig) == self._on_signal:
-                    signal.signal(sig, previous)
-        self._previous.clear()
+        def uninstall() -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            for sig, previous in self._previous.items():
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+                    signal.signal(sig, previous)  # the server's own again
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # A Python signal handler runs in the main thread, between two bytecodes of whatever
-        # it interrupted: only hand the work to the event loop (also the main thread's).
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.handle, signum)
+        return uninstall
 
     def handle(self, signum: int) -> None:
         """React to `signum` (called on the event loop)."""
