@@ -185,3 +185,51 @@ def test_runtime_errors_reach_every_caller_of_the_batch() -> None:
 
     outcomes = asyncio.run(run_with(batcher, scenario()))
     assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+class ConcurrencyRecorder(RecordingRuntime):
+    """Records how many batches run at the same moment (each holds until the gate opens)."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.calls = 0
+        self.all_entered = threading.Barrier(expected, timeout=60)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.calls += 1
+            first_ones = self.calls <= self.all_entered.parties
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            if first_ones:
+                self.all_entered.wait()  # the first batches wait until all are inside run()
+            return super().run(batch)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_several_workers_run_batches_concurrently_and_stop_finishes_everything() -> None:
+    runtime = ConcurrencyRecorder(expected=2)
+    bundle = make_bundle(runtime)
+    batcher = Batcher(max_batch_size=2, max_delay_s=0, capacity=32, workers=2)
+    assert batcher.workers == 2
+
+    async def scenario():
+        batcher.start()
+        jobs = [asyncio.ensure_future(batcher.predict(image(v), bundle, 60)) for v in range(9)]
+        results = await asyncio.gather(*jobs)
+        await batcher.stop()
+        with pytest.raises(BatcherClosed):
+            await batcher.predict(image(99), bundle, 30)
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.probabilities[0] for r in results] == list(range(9))  # each caller gets its own
+    assert runtime.most_at_once == 2  # two batches were inside the model at the same time
+    assert sum(runtime.batch_sizes) == 9 and batcher.computed == 9
+    assert batcher.in_flight == 0

@@ -107,6 +107,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             "model_poll_interval_s": 0,
             "max_batch_size": 1,
             "max_batch_delay_ms": 0,
+            "inference_workers": 1,  # one inference thread: the gate holds all model work
             "access_log": False,
             **overrides,
         }

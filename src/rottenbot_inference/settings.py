@@ -93,8 +93,13 @@ class Settings(BaseSettings):
         return self.mlflow_cache_dir or self.data_dir / "mlflow-cache"
 
     # --- runtime and batching -----------------------------------------------------------
+    inference_workers: int | None = Field(
+        None, ge=1, le=64,
+        description="Threads running batches concurrently on the one model (default 1)",
+    )
     inference_threads: int | None = Field(
-        None, description="ONNX Runtime intra-op threads; default: the CPU quota"
+        None, ge=1,
+        description="ONNX Runtime intra-op threads per run; default: CPU quota / INFERENCE_WORKERS",
     )
     preprocess_threads: int | None = Field(
         None, description="Image decode threads; default: the CPU quota"
@@ -297,8 +302,12 @@ class Settings(BaseSettings):
         return cpu_quota()
 
     @property
+    def effective_inference_workers(self) -> int:
+        return self.inference_workers or 1
+
+    @property
     def effective_inference_threads(self) -> int:
-        return self.inference_threads or self.cpu_count
+        return self.inference_threads or max(1, self.cpu_count // self.effective_inference_workers)
 
     @property
     def effective_preprocess_threads(self) -> int:

@@ -1,9 +1,11 @@
-"""Micro-batching: one inference thread owns the runtime; requests wait in a bounded queue.
+"""Micro-batching: inference threads share one bounded queue; requests wait in it.
 
-`Batcher.predict` is called from the event loop; the image is already preprocessed. The thread
-takes whatever is queued (up to `max_batch_size`), waits at most `max_delay_s` for more, drops
-jobs whose client has gone or whose deadline passed, runs one batch and hands each result back
-to the event loop. A full queue is refused at once (`QueueFull` -> 503), never waited on.
+`Batcher.predict` is called from the event loop; the image is already preprocessed. Each
+inference thread (`workers`; several, each running the model with fewer intra-op threads,
+can use a few cores better than one multi-threaded run: see docs/benchmarks.md) takes whatever is
+queued (up to `max_batch_size`), waits at most `max_delay_s` for more, drops jobs whose client
+has gone or whose deadline passed, runs one batch and hands each result back to the event loop.
+A full queue is refused at once (`QueueFull` -> 503), never waited on.
 
 A request's deadline is absolute (set when the request arrived, see api/admission.py), so the
 time spent reading and decoding the upload counts against it. Dropped jobs are counted by
@@ -77,19 +79,25 @@ def _resolve(future: asyncio.Future[BatchResult], outcome: BatchResult | BaseExc
 
 
 class Batcher:
-    """Bounded queue + one inference thread; see the module docstring."""
+    """Bounded queue + `workers` inference threads; see the module docstring."""
 
-    def __init__(self, max_batch_size: int, max_delay_s: float, capacity: int) -> None:
+    def __init__(
+        self, max_batch_size: int, max_delay_s: float, capacity: int, workers: int = 1
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.capacity = capacity
         self._queue: queue.Queue[_Job | object] = queue.Queue(maxsize=capacity)
-        self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._serve, args=(index,), name=f"inference-{index}",
+                             daemon=True)
+            for index in range(workers)
+        ]
         self._closed = False
-        self._carry: _Job | None = None
-        self.in_flight = 0  # jobs taken off the queue and not yet answered
-        # Counters each written by one thread only (the inference thread, or the event loop for
-        # `_late`) and read anywhere: plain ints, no lock.
+        self._in_flight = [0] * workers  # per thread: jobs taken off the queue, not yet answered
+        # Counters written by the inference threads (under `_count_lock`) or, for `_late`, by
+        # the event loop only; read anywhere.
+        self._count_lock = threading.Lock()
         self.computed = 0  # images run through the model
         self._skipped = {"cancelled": 0, "deadline": 0}  # jobs taken off the queue, not run
         self._late = 0  # (event loop) requests whose deadline passed before they were queued
@@ -97,6 +105,15 @@ class Batcher:
     @property
     def queued(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs taken off the queue and not yet answered (all inference threads)."""
+        return sum(self._in_flight)
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -111,7 +128,8 @@ class Batcher:
         self._late += 1
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     async def predict(
         self,
@@ -153,29 +171,35 @@ class Batcher:
             raise DeadlineExceeded(f"no result within {remaining:.3g} s") from None
 
     async def stop(self) -> None:
-        """Refuse new work, finish everything queued, then end the thread."""
+        """Refuse new work, finish everything queued, then end the threads."""
         self._closed = True
-        if not self._thread.is_alive():
+        alive = [thread for thread in self._threads if thread.is_alive()]
+        if not alive:
             return
-        await asyncio.to_thread(self._queue.put, _STOP)
-        await asyncio.to_thread(self._thread.join)
+        for _ in alive:  # queued after every job; each thread ends at the first it takes
+            await asyncio.to_thread(self._queue.put, _STOP)
+        for thread in alive:
+            await asyncio.to_thread(thread.join)
 
-    # -- the inference thread ------------------------------------------------------------
+    # -- the inference threads -----------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve(self, index: int) -> None:
+        carry: _Job | None = None
         while True:
-            first = self._carry or self._queue.get()
-            self._carry = None
+            first = carry or self._queue.get()
             if first is _STOP:
                 return
             assert isinstance(first, _Job)
-            batch, stop = self._collect(first)
-            self._run([job for job in batch if self._still_wanted(job)])
-            if stop:
+            batch, carry, stop = self._collect(first)
+            self._run(index, [job for job in batch if self._still_wanted(job)])
+            if stop:  # (a stop and a model swap never come from the same `_collect`)
                 return
 
-    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
-        """`first` plus what arrives within the delay, same model only, up to the batch size."""
+    def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None, bool]:
+        """`first` plus what arrives within the delay, same model only, up to the batch size.
+
+        Returns the batch, a job of another model that must start the next batch (a model
+        swap), and whether a stop sentinel was taken."""
         batch = [first]
         until = time.monotonic() + self.max_delay_s
         while len(batch) < self.max_batch_size:
@@ -189,32 +213,33 @@ class Batcher:
             except queue.Empty:
                 break
             if job is _STOP:
-                return batch, True
+                return batch, None, True
             assert isinstance(job, _Job)
             if job.bundle is not first.bundle:  # a model swap: the next batch starts with it
-                self._carry = job
-                break
+                return batch, job, False
             batch.append(job)
-        return batch, False
+        return batch, None, False
 
     def _still_wanted(self, job: _Job) -> bool:
         """False (and counted) for a job whose caller went away or whose deadline passed."""
         if job.future.done():  # cancelled: the client disconnected or the wait timed out
             expired = job.expired or time.monotonic() > job.deadline
-            self._skipped["deadline" if expired else "cancelled"] += 1
+            with self._count_lock:
+                self._skipped["deadline" if expired else "cancelled"] += 1
             return False
         if time.monotonic() > job.deadline:
-            self._skipped["deadline"] += 1
+            with self._count_lock:
+                self._skipped["deadline"] += 1
             job.loop.call_soon_threadsafe(
                 _resolve, job.future, DeadlineExceeded("deadline passed while queued")
             )
             return False
         return True
 
-    def _run(self, batch: list[_Job]) -> None:
+    def _run(self, index: int, batch: list[_Job]) -> None:
         if not batch:
             return
-        self.in_flight = len(batch)
+        self._in_flight[index] = len(batch)
         started = time.monotonic()
         started_ns = time.time_ns()
         try:
@@ -226,10 +251,11 @@ class Batcher:
                 job.loop.call_soon_threadsafe(_resolve, job.future, exc)
             return
         finally:
-            self.in_flight = 0
+            self._in_flight[index] = 0
         finished = time.monotonic()
         compute_ms = (finished - started) * 1000
-        self.computed += len(batch)
+        with self._count_lock:
+            self.computed += len(batch)
         queue_ms = [(started - job.enqueued) * 1000 for job in batch]
         span = self._batch_span(batch, queue_ms, started_ns)
         span_context = None if span is None else span.get_span_context()

@@ -68,6 +68,7 @@ class InferenceService:
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000,
             capacity=settings.queue_capacity,
+            workers=settings.effective_inference_workers,
         )
         self.pace = Pace()  # time between answers while busy (admission's wait estimate)
 
