@@ -149,6 +149,10 @@ class PostgresServer:
         )
         return result.stdout.strip()
 
+    def has_table(self, table: str, database: str) -> bool:
+        """Whether `table` exists yet (a service migrates in the background after it starts)."""
+        return self.psql(f"SELECT to_regclass('{table}') IS NOT NULL", database) == "t"
+
     def create_database(self, prefix: str = "t") -> str:
         name = f"{prefix}_{secrets.token_hex(6)}"
         self.psql(f'CREATE DATABASE "{name}"')

@@ -79,6 +79,8 @@ def storage_overrides(
 
 
 def rows(postgres: PostgresServer, database: str, where: str = "true") -> list[list[str]]:
+    if not postgres.has_table("predictions", database):
+        return []  # not migrated yet: storage connects after the model is ready
     out = postgres.psql(
         "SELECT uid, user_uid, image_path, model_version, content_type, predicted_class_name, "
         f"image_bytes FROM predictions WHERE {where} ORDER BY created_at",

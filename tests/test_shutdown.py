@@ -175,7 +175,7 @@ def service_env(
 def stored(postgres: PostgresServer, database: str) -> list[tuple[str, str]]:
     """(uid, image_path) of every row, however many times a uid occurs (none before the
     service has created the table)."""
-    if postgres.psql("SELECT to_regclass('predictions') IS NOT NULL", database) != "t":
+    if not postgres.has_table("predictions", database):
         return []
     out = postgres.psql("SELECT uid, image_path FROM predictions ORDER BY uid", database)
     return [tuple(line.split("|")) for line in out.splitlines() if line]  # type: ignore[misc]
