@@ -465,6 +465,33 @@ def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
     assert bucket_keys(moto_s3, bucket) == sorted(path for _, path in rows)
 
 
+def test_sigterm_right_after_start_still_drains_the_saves_within_the_grace(
+    converted_tiny_model: Path, shared_cache: Path, tmp_path: Path, postgres: PostgresServer,
+    database: str, moto_s3: MotoS3Server, bucket: str,
+) -> None:
+    """Storage connects after the model is ready; a signal before (or while) it connects still
+    gets the acknowledged saves stored within the grace period, not only at the next start."""
+    data_dir = tmp_path / "data"
+    env = service_env(
+        converted_tiny_model, shared_cache, data_dir, postgres, database, moto_s3, bucket,
+        OUTBOX_SHUTDOWN_GRACE_S="60",
+    )
+    service = ServiceProcess(env, tmp_path / "service.log")
+    try:
+        base_url = service.start()
+        user = uuid.uuid4()
+        acknowledged = [post_save(base_url, user, seed) for seed in range(3)]
+        assert service.process is not None
+        service.process.send_signal(signal.SIGTERM)
+        assert exit_code(service) == 0, service.log_tail()
+    finally:
+        service.stop()
+    assert outbox_rows(data_dir) == 0, service.log_tail()
+    rows = stored(postgres, database)
+    assert sorted(uid for uid, _ in rows) == sorted(acknowledged)
+    assert bucket_keys(moto_s3, bucket) == sorted(path for _, path in rows)
+
+
 def test_workers_each_drain_when_the_supervisor_gets_sigterm(
     converted_tiny_model: Path, shared_cache: Path, tmp_path: Path,
 ) -> None:

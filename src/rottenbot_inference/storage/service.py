@@ -134,6 +134,7 @@ class PredictionStore:
         self._schema_lock = asyncio.Lock()
         self._migrating: asyncio.Task[None] | None = None
         self._hurried = False
+        self._hurry_event = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -181,17 +182,36 @@ class PredictionStore:
             self.images = build_image_store(settings)
 
     async def stop(self) -> None:
-        """Drain for the grace period, then close; pending saves stay in the outbox."""
-        if self._connecting is not None and not self._connecting.done():
-            self._connecting.cancel()  # never connected: everything stays in the outbox
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connecting
+        """Drain for the grace period, then close; pending saves stay in the outbox.
+
+        Stopped before the backends were connected (a signal soon after start), it still
+        connects within the grace period when saves are pending, so that they are drained.
+        """
+        loop = asyncio.get_running_loop()
+        grace_s = 0.0 if self._hurried else self.settings.outbox_shutdown_grace_s
+        deadline = loop.time() + grace_s
+        connecting = self._connecting
+        if connecting is not None and not connecting.done():
+            if self.outbox.backlog and grace_s > 0:
+                hurried = asyncio.ensure_future(self._hurry_event.wait())
+                await asyncio.wait(
+                    {connecting, hurried}, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                hurried.cancel()
+            if not connecting.done():
+                connecting.cancel()  # never connected: everything stays in the outbox
+            try:
+                await connecting
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:
+                log.warning("saved predictions: the storage backends never connected: %s", exc)
         if self._migrating is not None:
             self._migrating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._migrating
-        grace_s = 0.0 if self._hurried else self.settings.outbox_shutdown_grace_s
-        await self.drainer.stop(grace_s)
+        remaining_s = 0.0 if self._hurried else max(0.0, deadline - loop.time())
+        await self.drainer.stop(remaining_s)
         await self.outbox.close()
         if self.engine is not None:
             await self.engine.dispose()
@@ -200,6 +220,7 @@ class PredictionStore:
     def hurry(self) -> None:
         """A hurried shutdown: stop (or skip) the final drain; pending saves stay durable."""
         self._hurried = True
+        self._hurry_event.set()
         self.drainer.cut_short()
 
     async def ensure_schema(self) -> None:
