@@ -148,6 +148,10 @@ def corpus() -> Iterator[tuple[str, bytes, str, int, str]]:
         "SOF header patched to 65535x65535")
     yield "bomb-400-scans.jpg", _scan_bomb(), "image/jpeg", 413, (
         "a progressive JPEG repeating one scan 400 times (CPU bomb)")
+    yield "header-2000-comments.jpg", jpeg[:2] + b"\xff\xfe\x00\x02" * 2000 + jpeg[2:], (
+        "image/jpeg"), 413, "2,000 empty COM segments (Pillow parses headers in Python)"
+    yield "header-8000-fill-bytes.jpg", jpeg[:2] + b"\xff" * 8000 + jpeg[2:], "image/jpeg", 413, (
+        "8,000 0xFF fill bytes before a marker")
     # --- unusual but valid: 200
     yield "progressive.jpg", _encode(photo, "JPEG", quality=85, progressive=True), (
         "image/jpeg"), 200, "progressive JPEG"
