@@ -180,6 +180,21 @@ def test_png_made_of_empty_chunks_is_refused(server: str, prep: ImagePreprocesso
     assert "chunks" in response.json()["detail"]
 
 
+def test_damaged_exif_does_not_flood_stderr() -> None:
+    """Pillow warns once per damaged EXIF tag; the pipeline keeps that out of the logs."""
+    script = (
+        "import sys; from pathlib import Path;"
+        "from rottenbot_inference.inference.images import ImagePreprocessor as P;"
+        "P((224, 224), 40_000_000).prepare(Path(sys.argv[1]).read_bytes())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script, str(HOSTILE / "exif-huge-counts.jpg")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Skipping tag" not in result.stderr
+
+
 def test_atheris_harness_runs(tmp_path: Path) -> None:
     """A short libFuzzer run of fuzz/fuzz_images.py over the seeds finds nothing."""
     result = subprocess.run(

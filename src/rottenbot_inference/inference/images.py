@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 import zlib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -47,6 +48,10 @@ _BLOCK_ROWS = 256
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 cv2.setNumThreads(1)  # our own thread pool parallelises across requests
+# Pillow warns once per distinct damaged EXIF tag ("Tag data larger than file. Skipping tag
+# N"): one upload could print thousands of lines. Damaged metadata is ignored anyway (see
+# _orientation), so these warnings are silenced once, process-wide, at import.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 class ImageFormat(StrEnum):
