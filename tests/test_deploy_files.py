@@ -366,7 +366,7 @@ def test_deployment_probes_resources_and_references(rendered: list[dict]) -> Non
     assert resources["requests"] == resources["limits"]
     assert float(resources["limits"]["cpu"]).is_integer()
     env = {item["name"]: item for item in container.get("env", [])}
-    for name in ("INFERENCE_THREADS", "PREPROCESS_THREADS"):
+    for name in ("INFERENCE_WORKERS", "PREPROCESS_THREADS"):
         field = env[name]["valueFrom"]["resourceFieldRef"]
         assert (field["resource"], field["containerName"]) == ("limits.cpu", container["name"])
     # Config and secret by reference; the ConfigMap name carries kustomize's hash suffix.

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     # --- runtime and batching -----------------------------------------------------------
     inference_workers: int | None = Field(
         None, ge=1, le=64,
-        description="Threads running batches concurrently on the one model (default 1)",
+        description="Threads running batches concurrently on the one model; default: the CPU quota",
     )
     inference_threads: int | None = Field(
         None, ge=1,
@@ -303,7 +303,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_inference_workers(self) -> int:
-        return self.inference_workers or 1
+        return self.inference_workers or self.cpu_count
 
     @property
     def effective_inference_threads(self) -> int:

@@ -1,8 +1,8 @@
 """Micro-batching: inference threads share one bounded queue; requests wait in it.
 
 `Batcher.predict` is called from the event loop; the image is already preprocessed. Each
-inference thread (`workers`; several, each running the model with fewer intra-op threads,
-can use a few cores better than one multi-threaded run: see docs/benchmarks.md) takes whatever is
+inference thread (`workers`, by default one per CPU, each running the model single-threaded:
+on a few cores that beats one multi-threaded run, see docs/benchmarks.md) takes whatever is
 queued (up to `max_batch_size`), waits at most `max_delay_s` for more, drops jobs whose client
 has gone or whose deadline passed, runs one batch and hands each result back to the event loop.
 A full queue is refused at once (`QueueFull` -> 503), never waited on.
