@@ -4,7 +4,10 @@
     python bench/runtime_bench.py --model /tmp/prod --threads 2 --rounds 5
 
 Builds the bundle exactly as the service does (conversion cached in DATA_DIR/model-cache),
-then times `bundle.predict` in interleaved rounds (the VM's speed drifts) and reports medians.
+then times `bundle.predict` in interleaved rounds (the VM's speed drifts) and reports medians:
+one stream of calls with all CPUs as intra-op threads (the best single-image latency). Then,
+as the service runs it by default, one single-threaded stream per CPU at batch 1 on the same
+session (throughput, images/s).
 """
 
 from __future__ import annotations
@@ -12,13 +15,40 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from rottenbot_inference.inference.loader import LocalSource, ModelLoader
+from rottenbot_inference.resources import cpu_quota
 from rottenbot_inference.settings import Settings
+
+
+def concurrent_streams(model: Path, streams: int, seconds: float) -> float:
+    """Images/s of `streams` threads each calling the session at batch 1 (1 intra-op thread)."""
+    settings = Settings(_env_file=None, inference_threads=1, inference_workers=streams)
+    bundle = ModelLoader(settings).load(LocalSource(model))
+    pixels = np.random.default_rng(1).uniform(0, 255, (1, *bundle.input_shape))
+    pixels = pixels.astype(np.float32)
+    for _ in range(5):
+        bundle.predict(pixels)
+    counts = [0] * streams
+    stop = time.perf_counter() + seconds
+
+    def stream(index: int) -> None:
+        while time.perf_counter() < stop:
+            bundle.predict(pixels)
+            counts[index] += 1
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -28,10 +58,13 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=20, help="timed calls per round and size")
+    parser.add_argument("--streams", type=int, default=None,
+                        help="concurrent single-threaded streams (default: the CPU quota)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    settings = Settings(_env_file=None, inference_threads=args.threads)
+    threads = args.threads or cpu_quota()
+    settings = Settings(_env_file=None, inference_threads=threads, inference_workers=1)
     started = time.perf_counter()
     bundle = ModelLoader(settings).load(LocalSource(args.model))
     load_s = time.perf_counter() - started
@@ -57,8 +90,13 @@ def main() -> None:
         rows.append({"batch": size, "median_ms": median * 1000, "p90_ms": p90 * 1000,
                      "images_per_s": size / median})
         print(f"{size:>5} {median * 1000:>10.2f} {p90 * 1000:>8.2f} {size / median:>9.1f}")
+    streams = args.streams or cpu_quota()
+    parallel = concurrent_streams(args.model, streams, seconds=2.0 * args.rounds)
+    print(f"{streams} single-threaded streams at batch 1: {parallel:.1f} images/s")
     if args.json:
-        args.json.write_text(json.dumps({"load_s": load_s, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps(
+            {"load_s": load_s, "threads": threads, "rows": rows,
+             "streams": {"count": streams, "images_per_s": parallel}}, indent=1))
 
 
 if __name__ == "__main__":

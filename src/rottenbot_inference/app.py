@@ -27,6 +27,7 @@ from rottenbot_inference.api.state import AppState, Phase
 from rottenbot_inference.auth.blocklist import start_blocklist
 from rottenbot_inference.auth.ratelimit import build_rate_limiter
 from rottenbot_inference.auth.tokens import build_verifier
+from rottenbot_inference.heap import freeze_startup_objects
 from rottenbot_inference.inference.loader import ModelLoadError
 from rottenbot_inference.inference.reloader import ModelManager
 from rottenbot_inference.inference.service import InferenceService
@@ -76,6 +77,7 @@ async def load_model(state: AppState) -> None:
         raise
     if state.phase is not Phase.LOADING:  # a shutdown signal came during the load
         return
+    freeze_startup_objects("model load", state.settings.gc_freeze)  # before traffic
     state.phase, state.detail = Phase.READY, manager.warning
     log.info("ready: model %s version %s", bundle.name, bundle.version)
     manager.start_watching()

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     preprocess_threads: int | None = Field(
         None, description="Image decode threads; default: the CPU quota"
     )
+    gc_freeze: bool = Field(
+        True, description="Exempt start-up objects from garbage collection (no 100 ms GC pauses)"
+    )
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_delay_ms: float = Field(
         2.0, ge=0, description="How long a batch waits for more requests"

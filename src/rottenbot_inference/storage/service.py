@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rottenbot_inference.heap import freeze_startup_objects
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
 from rottenbot_inference.storage.images import ImageStore, ImageStoreError, StoredImage
@@ -150,6 +151,7 @@ class PredictionStore:
             await asyncio.wait({after}, timeout=CONNECT_AT_LATEST_S)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._build_backends)
+        freeze_startup_objects("storage set-up", self.settings.gc_freeze)
         assert self.url is not None and self.images is not None
         log.info(
             "saved predictions: database %s, images in %s, outbox %s",
