@@ -363,10 +363,10 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.base_url = ""
 
-    def start(self, timeout_s: float = 300) -> str:
+    def start(self, timeout_s: float = 300, port: int | None = None) -> str:
         from tests.helpers import wait_ready
 
-        port = free_port()
+        port = port or free_port()
         env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **self.env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
