@@ -109,7 +109,9 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_delay_ms: float = Field(
-        2.0, ge=0, description="How long a batch waits for more requests"
+        0.0, ge=0,
+        description="How long a batch waits for more requests (0: takes what is queued; with one "
+        "single-threaded worker per CPU, batching saves little CPU and waiting only adds latency)",
     )
     queue_capacity: int = Field(64, ge=1, description="Queued images beyond which requests get 503")
     request_timeout_s: float = Field(
