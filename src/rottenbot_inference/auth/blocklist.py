@@ -87,6 +87,34 @@ class InMemoryBlocklist:
         return "in-process blocklist"
 
 
+def redis_client(
+    host: str, port: int, password: str | None, timeout_s: float, max_connections: int
+) -> Redis:
+    """An async client on db 0 with one bounded pool and short timeouts: a connection problem
+    is retried once at once (a pooled connection may be stale after a Redis restart), never
+    waited out. Shared by the revocation check and the rate limiter."""
+    from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    pool = BlockingConnectionPool(
+        host=host,
+        port=port,
+        db=0,
+        password=password,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
+        max_connections=max_connections,
+        timeout=timeout_s,  # waiting for a free pooled connection
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)
+
+
 class RedisBlocklist:
     """`EXISTS <jti>` in Redis db 0, through one pooled client with short timeouts.
 
@@ -103,27 +131,8 @@ class RedisBlocklist:
         timeout_s: float = 0.5,
         max_connections: int = 64,
     ) -> None:
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
         self.host, self.port, self.timeout_s = host, port, timeout_s
-        pool = BlockingConnectionPool(
-            host=host,
-            port=port,
-            db=0,
-            password=password,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
-            max_connections=max_connections,
-            timeout=timeout_s,  # waiting for a free pooled connection
-            health_check_interval=30,
-        )
-        self._client: Redis = Redis(connection_pool=pool)
+        self._client = redis_client(host, port, password, timeout_s, max_connections)
         self._deadline_s = 3 * timeout_s  # connect + one retry + reply, whatever happens
         self._failing_until = float("-inf")
         self._warn = RateLimitedLog(log, logging.WARNING)

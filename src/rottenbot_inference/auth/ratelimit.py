@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from rottenbot_inference.auth.blocklist import RateLimitedLog
+from rottenbot_inference.auth.blocklist import RateLimitedLog, redis_client
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from rottenbot_inference.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -171,28 +169,9 @@ class RedisRateLimiter:
         timeout_s: float = 0.5,
         max_connections: int = 64,
     ) -> None:
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
         self.per_minute, self.burst = per_minute, burst
         self.host, self.port, self.timeout_s = host, port, timeout_s
-        pool = BlockingConnectionPool(
-            host=host,
-            port=port,
-            db=0,
-            password=password,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
-            max_connections=max_connections,
-            timeout=timeout_s,
-            health_check_interval=30,
-        )
-        self._client: Redis = Redis(connection_pool=pool)
+        self._client = redis_client(host, port, password, timeout_s, max_connections)
         self._script = self._client.register_script(TOKEN_BUCKET_LUA)
         self._rate_per_ms = per_minute / 60_000
         self._deadline_s = 3 * timeout_s
