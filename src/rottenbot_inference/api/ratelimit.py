@@ -17,8 +17,8 @@ from fastapi import Depends, HTTPException, Response
 from rottenbot_inference.api.deps import CurrentUser
 from rottenbot_inference.api.errors import ServiceUnavailable
 from rottenbot_inference.api.state import AppState, get_state
-from rottenbot_inference.auth.blocklist import RateLimitedLog
 from rottenbot_inference.auth.ratelimit import RateLimitUnavailable
+from rottenbot_inference.auth.redis_store import RateLimitedLog
 from rottenbot_inference.telemetry.metrics import record_rejection
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
+from rottenbot_inference.auth.redis_store import (
+    GuardedRedis,
+    RateLimitedLog,
+    RedisUnreachable,
+    reason,
+)
 
+if TYPE_CHECKING:
     from rottenbot_inference.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,25 +42,6 @@ class Blocklist(Protocol):
     async def revoke(self, jti: str, ttl_s: int = REVOCATION_TTL_S) -> None: ...
 
     async def close(self) -> None: ...
-
-
-class RateLimitedLog:
-    """Logs at most one message per `interval_s`, counting the ones it held back."""
-
-    def __init__(self, logger: logging.Logger, level: int, interval_s: float = 10.0) -> None:
-        self._logger, self._level, self._interval = logger, level, interval_s
-        self._last = float("-inf")
-        self._suppressed = 0
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            message += f" ({self._suppressed} similar messages suppressed)"
-        self._last, self._suppressed = now, 0
-        self._logger.log(self._level, message, *args)
 
 
 class InMemoryBlocklist:
@@ -87,41 +73,9 @@ class InMemoryBlocklist:
         return "in-process blocklist"
 
 
-def redis_client(
-    host: str, port: int, password: str | None, timeout_s: float, max_connections: int
-) -> Redis:
-    """An async client on db 0 with one bounded pool and short timeouts: a connection problem
-    is retried once at once (a pooled connection may be stale after a Redis restart), never
-    waited out. Shared by the revocation check and the rate limiter."""
-    from redis.asyncio import BlockingConnectionPool, Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    pool = BlockingConnectionPool(
-        host=host,
-        port=port,
-        db=0,
-        password=password,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
-        max_connections=max_connections,
-        timeout=timeout_s,  # waiting for a free pooled connection
-        health_check_interval=30,
-    )
-    return Redis(connection_pool=pool)
-
-
 class RedisBlocklist:
-    """`EXISTS <jti>` in Redis db 0, through one pooled client with short timeouts.
-
-    Connection problems are retried once at once (a pooled connection may be stale after a
-    Redis restart); then the check fails with BlocklistUnavailable, and for `timeout_s` after a
-    failure further checks fail fast instead of each waiting on a dead server.
-    """
+    """`EXISTS <jti>` in Redis db 0 through a GuardedRedis (short timeouts, one retry on a stale
+    connection, then BlocklistUnavailable; failing fast for a moment after a failure)."""
 
     def __init__(
         self,
@@ -131,45 +85,36 @@ class RedisBlocklist:
         timeout_s: float = 0.5,
         max_connections: int = 64,
     ) -> None:
-        self.host, self.port, self.timeout_s = host, port, timeout_s
-        self._client = redis_client(host, port, password, timeout_s, max_connections)
-        self._deadline_s = 3 * timeout_s  # connect + one retry + reply, whatever happens
-        self._failing_until = float("-inf")
-        self._warn = RateLimitedLog(log, logging.WARNING)
+        self._redis = GuardedRedis(host, port, password, timeout_s, max_connections)
 
     def describe(self) -> str:
-        return f"Redis at {self.host}:{self.port} db 0"
+        return self._redis.describe()
 
     async def is_revoked(self, jti: str) -> bool:
-        if time.monotonic() < self._failing_until:
-            raise BlocklistUnavailable("the revocation store is unreachable")
         try:
-            async with asyncio.timeout(self._deadline_s):
-                return bool(await self._client.exists(jti))
-        except Exception as exc:  # RedisError, OSError, TimeoutError, ...
-            self._failing_until = time.monotonic() + self.timeout_s
-            self._warn("revocation check failed: %s: %s", self.describe(), _reason(exc))
+            return bool(await self._redis.call("revocation check", lambda r: r.exists(jti)))
+        except RedisUnreachable:
             raise BlocklistUnavailable("the revocation store is unreachable") from None
 
     async def revoke(self, jti: str, ttl_s: int = REVOCATION_TTL_S) -> None:
         """As the auth service does at logout."""
         try:
-            async with asyncio.timeout(self._deadline_s):
-                await self._client.set(jti, "", ex=ttl_s)
+            async with asyncio.timeout(self._redis.deadline_s):
+                await self._redis.client.set(jti, "", ex=ttl_s)
         except Exception as exc:
-            raise BlocklistUnavailable(f"cannot revoke: {_reason(exc)}") from None
+            raise BlocklistUnavailable(f"cannot revoke: {reason(exc)}") from None
 
     async def ping(self) -> bool:
         try:
-            async with asyncio.timeout(self._deadline_s):
-                return bool(await self._client.ping())
+            async with asyncio.timeout(self._redis.deadline_s):
+                return bool(await self._redis.client.ping())
         except Exception as exc:
-            log.warning("%s is unreachable: %s", self.describe(), _reason(exc))
+            log.warning("%s is unreachable: %s", self.describe(), reason(exc))
             return False
 
     async def close(self) -> None:
         """Close the client and every pooled connection (shutdown)."""
-        await self._client.aclose(close_connection_pool=True)
+        await self._redis.close()
 
 
 class FailOpenBlocklist:
@@ -194,12 +139,6 @@ class FailOpenBlocklist:
 
     async def close(self) -> None:
         await self.inner.close()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 async def start_blocklist(settings: Settings) -> Blocklist:

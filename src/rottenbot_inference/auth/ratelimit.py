@@ -13,14 +13,13 @@ revocation check's policy (AUTH_FAIL_OPEN: let the request through, logged; othe
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from rottenbot_inference.auth.blocklist import RateLimitedLog, redis_client
+from rottenbot_inference.auth.redis_store import GuardedRedis, RedisUnreachable
 
 if TYPE_CHECKING:
     from rottenbot_inference.settings import Settings
@@ -153,11 +152,9 @@ class LocalRateLimiter:
 
 
 class RedisRateLimiter:
-    """The token bucket as one Lua script in Redis db 0, through a pooled client.
-
-    Like the revocation check: short timeouts, one immediate retry on a stale connection, and
-    for `timeout_s` after a failure further calls fail fast instead of waiting on a dead server.
-    """
+    """The token bucket as one Lua script in Redis db 0, through a GuardedRedis: like the
+    revocation check, short timeouts, one immediate retry on a stale connection, then fail
+    fast for `timeout_s` after a failure (RateLimitUnavailable)."""
 
     def __init__(
         self,
@@ -170,35 +167,27 @@ class RedisRateLimiter:
         max_connections: int = 64,
     ) -> None:
         self.per_minute, self.burst = per_minute, burst
-        self.host, self.port, self.timeout_s = host, port, timeout_s
-        self._client = redis_client(host, port, password, timeout_s, max_connections)
-        self._script = self._client.register_script(TOKEN_BUCKET_LUA)
+        self._redis = GuardedRedis(host, port, password, timeout_s, max_connections)
+        self._script = self._redis.client.register_script(TOKEN_BUCKET_LUA)
         self._rate_per_ms = per_minute / 60_000
-        self._deadline_s = 3 * timeout_s
-        self._failing_until = float("-inf")
-        self._warn = RateLimitedLog(log, logging.WARNING)
 
     def describe(self) -> str:
-        return f"Redis at {self.host}:{self.port} db 0 (shared by replicas)"
+        return f"{self._redis.describe()} (shared by replicas)"
 
     async def acquire(self, key: str) -> Decision:
-        if time.monotonic() < self._failing_until:
-            raise RateLimitUnavailable("the rate limit store is unreachable")
+        args = [repr(self._rate_per_ms), self.burst, 1]
         try:
-            async with asyncio.timeout(self._deadline_s):
-                reply = await self._script(
-                    keys=[KEY_PREFIX + key], args=[repr(self._rate_per_ms), self.burst, 1]
-                )
-        except Exception as exc:  # RedisError, OSError, TimeoutError, ...
-            self._failing_until = time.monotonic() + self.timeout_s
-            self._warn("rate limit check failed: %s: %s", self.describe(), type(exc).__name__)
+            reply = await self._redis.call(
+                "rate limit check", lambda _: self._script(keys=[KEY_PREFIX + key], args=args)
+            )
+        except RedisUnreachable:
             raise RateLimitUnavailable("the rate limit store is unreachable") from None
         allowed, tokens, wait_ms, full_ms = reply
         return _decision(bool(int(allowed)), self.burst, float(tokens), float(wait_ms),
                          float(full_ms))
 
     async def close(self) -> None:
-        await self._client.aclose(close_connection_pool=True)
+        await self._redis.close()
 
 
 def build_rate_limiter(settings: Settings) -> RateLimiter | None:
