@@ -394,3 +394,41 @@ class ServiceProcess:
         with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace")[-chars:]
         return ""
+
+
+@pytest.fixture(name="database")
+def database_fixture(postgres: PostgresServer) -> str:
+    """A fresh, empty database on the module's server (restarted if a test left it down)."""
+    if not postgres.running:
+        postgres.start()
+    return postgres.create_database()
+
+
+@pytest.fixture(name="bucket")
+def bucket_fixture(moto_s3: MotoS3Server) -> str:
+    """A fresh bucket name on the module's S3 server (resumed if a test left it paused)."""
+    if moto_s3.paused:
+        moto_s3.resume()
+    return f"images-{uuid.uuid4().hex[:12]}"
+
+
+def prediction_rows(
+    postgres: PostgresServer, database: str, columns: str = "uid, image_path",
+    where: str = "true", order_by: str = "uid",
+) -> list[list[str]]:
+    """Rows of the predictions table, duplicates included ([] before the service migrated)."""
+    if not postgres.has_table("predictions", database):
+        return []
+    out = postgres.psql(
+        f"SELECT {columns} FROM predictions WHERE {where} ORDER BY {order_by}", database
+    )
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def bucket_objects(moto_s3: MotoS3Server, bucket: str) -> dict[str, int]:
+    """Key -> size of every object in the bucket ({} if it does not exist yet)."""
+    client = moto_s3.client()
+    with contextlib.suppress(client.exceptions.NoSuchBucket):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return {item["Key"]: item["Size"] for page in pages for item in page.get("Contents", [])}
+    return {}

@@ -20,15 +20,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.helpers import TEST_SECRET, auth, jpeg_bytes, random_photo
-from tests.servers import RedisServer
+from tests.servers import RedisServer, redis_server_fixture  # noqa: F401  (`redis_server`)
 from tests.servers_mlflow import metric_value
 from tests.servers_storage import (
     PREDICT,
@@ -36,9 +34,13 @@ from tests.servers_storage import (
     MotoS3Server,
     PostgresServer,
     ServiceProcess,
+    bucket_fixture,  # noqa: F401  (registers the `bucket` fixture)
+    bucket_objects,
+    database_fixture,  # noqa: F401  (registers the `database` fixture)
+    moto_s3_fixture,  # noqa: F401  (registers the module-scoped `moto_s3` fixture)
     poll,
-    start_moto,
-    start_postgres,
+    postgres_fixture,  # noqa: F401  (registers the module-scoped `postgres` fixture)
+    prediction_rows,
 )
 
 # Phases in which a request may fail, and how. "recovering": the dependency is back, and the
@@ -102,34 +104,6 @@ class Stream:
              f"waiting for {what}; log:\n{self.service.log_tail()}")
 
 
-@pytest.fixture
-def postgres() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture
-def moto_s3(tmp_path: Path) -> Iterator[MotoS3Server]:
-    server = start_moto(tmp_path / "moto.log")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def ok(outcome: Outcome) -> bool:
     return outcome.status == 200
 
@@ -139,10 +113,9 @@ def saved(outcome: Outcome) -> bool:
 
 
 def test_faults_under_a_request_stream_lose_no_acknowledged_save(
-    tmp_path: Path, postgres: PostgresServer, moto_s3: MotoS3Server, redis: RedisServer,
+    tmp_path: Path, postgres: PostgresServer, database: str, moto_s3: MotoS3Server, bucket: str,
+    redis_server: RedisServer,
 ) -> None:
-    database = postgres.create_database()
-    bucket = f"images-{uuid.uuid4().hex[:12]}"
     env = {
         "DATA_DIR": str(tmp_path / "data"),
         "JWT_SECRET": TEST_SECRET,
@@ -155,7 +128,7 @@ def test_faults_under_a_request_stream_lose_no_acknowledged_save(
         "S3_MAX_ATTEMPTS": "1",
         "OUTBOX_RETRY_BASE_S": "0.1",
         "OUTBOX_RETRY_MAX_S": "1",
-        **redis.env,
+        **redis_server.env,
     }
     service = ServiceProcess(env, tmp_path / "service.log")
     service.start()
@@ -167,10 +140,10 @@ def test_faults_under_a_request_stream_lose_no_acknowledged_save(
 
         # Redis (revocation store) down: authenticated requests get 503 until it is back.
         stream.phase = "redis_down"
-        redis.stop()
+        redis_server.stop()
         stream.wait_for(lambda o: o.status == 503, 3, what="503s while Redis is down")
         stream.phase = "redis_recovering"
-        redis.start()
+        redis_server.start()
         stream.wait_for(ok, what="recovery after Redis restarted")
         stream.phase = "normal"
         stream.wait_for(saved, 2, what="saves after the Redis restart")
@@ -237,15 +210,10 @@ def test_faults_under_a_request_stream_lose_no_acknowledged_save(
 
     # Every acknowledged save exactly once in PostgreSQL, its image in S3.
     assert len(acknowledged) == len(set(acknowledged)) >= 20
-    stored = [
-        line.split("|")
-        for line in postgres.psql("SELECT uid, image_path FROM predictions", database).splitlines()
-        if line
-    ]
+    stored = prediction_rows(postgres, database)
     uids = [uid for uid, _ in stored]
     assert len(uids) == len(set(uids))  # no duplicates
     assert set(acknowledged) <= set(uids)  # nothing acknowledged is lost
-    listing = moto_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
-    keys = {item["Key"] for item in listing}
+    keys = set(bucket_objects(moto_s3, bucket))
     by_uid = dict(stored)
     assert all(by_uid[uid] in keys for uid in acknowledged)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
@@ -31,29 +30,18 @@ from tests.servers_storage import (
     MotoS3Server,
     PostgresServer,
     ServiceProcess,
+    bucket_fixture,  # noqa: F401  (registers the `bucket` fixture)
+    bucket_objects,
+    database_fixture,  # noqa: F401  (registers the `database` fixture)
     history,
     moto_s3_fixture,  # noqa: F401  (registers the module-scoped `moto_s3` fixture)
     outbox_rows,
     poll,
     postgres_fixture,  # noqa: F401  (registers the module-scoped `postgres` fixture)
+    prediction_rows,
     save,
     solid_jpeg,
 )
-
-
-@pytest.fixture
-def database(postgres: PostgresServer) -> str:
-    """A fresh, empty database on the shared server."""
-    if not postgres.running:  # a previous test's outage must not leak into this one
-        postgres.start()
-    return postgres.create_database()
-
-
-@pytest.fixture
-def bucket(moto_s3: MotoS3Server) -> str:
-    if moto_s3.paused:
-        moto_s3.resume()
-    return f"images-{uuid.uuid4().hex[:12]}"
 
 
 def storage_overrides(
@@ -79,23 +67,10 @@ def storage_overrides(
 
 
 def rows(postgres: PostgresServer, database: str, where: str = "true") -> list[list[str]]:
-    if not postgres.has_table("predictions", database):
-        return []  # not migrated yet: storage connects after the model is ready
-    out = postgres.psql(
-        "SELECT uid, user_uid, image_path, model_version, content_type, predicted_class_name, "
-        f"image_bytes FROM predictions WHERE {where} ORDER BY created_at",
-        database,
+    return prediction_rows(
+        postgres, database, "uid, user_uid, image_path, model_version, content_type, "
+        "predicted_class_name, image_bytes", where, order_by="created_at",
     )
-    return [line.split("|") for line in out.splitlines() if line]
-
-
-def objects(moto_s3: MotoS3Server, bucket: str) -> dict[str, int]:
-    client = moto_s3.client()
-    try:
-        listing = client.list_objects_v2(Bucket=bucket)
-    except client.exceptions.NoSuchBucket:
-        return {}
-    return {item["Key"]: item["Size"] for item in listing.get("Contents", [])}
 
 
 def store_of(client: TestClient) -> Any:
@@ -208,11 +183,11 @@ def test_history_pagination_filter_scoping_and_delete_on_postgres_and_s3(
         response = client.request(method, f"{PREDICTIONS}/{victim}{suffix}", headers=auth(bob))
         assert response.status_code == 404, (method, suffix)
     key = rows(postgres, database, f"uid = '{victim}'")[0][2]
-    assert key in objects(moto_s3, bucket)
+    assert key in bucket_objects(moto_s3, bucket)
 
     assert client.delete(f"{PREDICTIONS}/{victim}", headers=auth(alice)).status_code == 204
     assert rows(postgres, database, f"uid = '{victim}'") == []
-    assert key not in objects(moto_s3, bucket) and len(objects(moto_s3, bucket)) == 9
+    assert key not in bucket_objects(moto_s3, bucket) and len(bucket_objects(moto_s3, bucket)) == 9
     assert client.get(f"{PREDICTIONS}/{victim}/image", headers=auth(alice)).status_code == 404
 
 
@@ -248,7 +223,7 @@ def test_s3_hung_then_back_every_acknowledged_save_arrives_and_full_outbox_is_50
     poll(lambda: len(rows(postgres, database)) == count and store.backlog == 0,
          message="acknowledged saves did not all arrive after S3 came back")
     assert sorted(r[0] for r in rows(postgres, database)) == sorted(uids)
-    keys = objects(moto_s3, bucket)
+    keys = bucket_objects(moto_s3, bucket)
     assert len(keys) == count and all(any(k.endswith(f"{u}.jpg") for k in keys) for u in uids)
     assert save(client, user, seed=100).status_code == 200  # room again
 
@@ -281,7 +256,7 @@ def test_database_down_then_back_every_acknowledged_save_arrives(
     poll(lambda: len(rows(postgres, database)) == 6 and store.backlog == 0,
          message="acknowledged saves did not all arrive after the database came back")
     assert sorted(r[0] for r in rows(postgres, database)) == sorted(uids)
-    assert len(objects(moto_s3, bucket)) == 6
+    assert len(bucket_objects(moto_s3, bucket)) == 6
     assert [i["uid"] for i in history(client, user)] == list(reversed(uids))
 
 
@@ -312,7 +287,7 @@ def test_shutdown_keeps_draining_for_the_grace_period(
         if moto_s3.paused:
             moto_s3.resume()
     assert store.backlog == 0
-    assert len(rows(postgres, database)) == 5 and len(objects(moto_s3, bucket)) == 5
+    assert len(rows(postgres, database)) == 5 and len(bucket_objects(moto_s3, bucket)) == 5
 
 
 def test_kill_9_after_acknowledged_saves_loses_nothing_and_duplicates_nothing(
@@ -373,6 +348,6 @@ def test_kill_9_after_acknowledged_saves_loses_nothing_and_duplicates_nothing(
     stored = rows(postgres, database)
     assert sorted(r[0] for r in stored) == sorted(acknowledged)  # all of them, no duplicates
     assert {r[1] for r in stored} == {str(user)}
-    keys = objects(moto_s3, bucket)
+    keys = bucket_objects(moto_s3, bucket)
     assert sorted(keys) == sorted(r[2] for r in stored)
     assert all(size > 0 for size in keys.values())

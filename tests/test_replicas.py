@@ -27,11 +27,15 @@ from tests.servers_storage import (
     MotoS3Server,
     PostgresServer,
     ServiceProcess,
+    bucket_fixture,  # noqa: F401  (registers the `bucket` fixture)
+    bucket_objects,
+    database_fixture,  # noqa: F401  (registers the `database` fixture)
     history,
     moto_s3_fixture,  # noqa: F401  (registers the module-scoped `moto_s3` fixture)
     outbox_rows,
     poll,
     postgres_fixture,  # noqa: F401  (registers the module-scoped `postgres` fixture)
+    prediction_rows,
     save,
 )
 from tests.test_auth import assert_401, auth_service_token, bearer, utc_clock
@@ -43,10 +47,8 @@ SAVES = 10
 @pytest.fixture
 def replicas(
     converted_tiny_model: Path, shared_cache: Path, tmp_path: Path, postgres: PostgresServer,
-    moto_s3: MotoS3Server, redis_server: RedisServer,
+    database: str, moto_s3: MotoS3Server, bucket: str, redis_server: RedisServer,
 ) -> Iterator[list[ServiceProcess]]:
-    database = postgres.create_database("replicas")
-    bucket = f"images-{uuid.uuid4().hex[:12]}"
     shared = {
         "MODEL_PATH": str(converted_tiny_model),
         "MODEL_CACHE_DIR": str(shared_cache),
@@ -75,12 +77,6 @@ def replicas(
     finally:
         for service in services:
             service.stop()
-
-
-def rows(postgres: PostgresServer, database: str) -> list[tuple[str, str, str]]:
-    """(uid, user_uid, image_path) of every row, duplicates included."""
-    out = postgres.psql("SELECT uid, user_uid, image_path FROM predictions ORDER BY uid", database)
-    return [tuple(line.split("|")) for line in out.splitlines() if line]  # type: ignore[misc]
 
 
 def test_two_replicas_share_revocations_saves_and_history(
@@ -125,16 +121,13 @@ def test_two_replicas_share_revocations_saves_and_history(
         assert response.status_code == 200, response.text
         acknowledged.append(response.json()["prediction_uid"])
     data_dirs = [Path(s.env["DATA_DIR"]) for s in replicas]
-    poll(lambda: len(rows(postgres, database)) >= SAVES
+    poll(lambda: len(prediction_rows(postgres, database, "uid, user_uid, image_path")) >= SAVES
          and all(outbox_rows(d) == 0 for d in data_dirs),
          timeout_s=120, message="saves did not all arrive")
-    stored = rows(postgres, database)
+    stored = prediction_rows(postgres, database, "uid, user_uid, image_path")
     assert sorted(uid for uid, _, _ in stored) == sorted(acknowledged)
     assert {owner for _, owner, _ in stored} == {str(saver)}
-    keys = sorted(
-        item["Key"]
-        for item in moto_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
-    )
+    keys = sorted(bucket_objects(moto_s3, bucket))
     assert keys == sorted(path for _, _, path in stored)
 
     # History through either replica is the same (newest first, every save, all stored).

@@ -24,7 +24,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from rottenbot_inference.api.deps import ready_state
@@ -37,10 +36,14 @@ from tests.servers_storage import (
     MotoS3Server,
     PostgresServer,
     ServiceProcess,
+    bucket_fixture,  # noqa: F401  (registers the `bucket` fixture)
+    bucket_objects,
+    database_fixture,  # noqa: F401  (registers the `database` fixture)
     moto_s3_fixture,  # noqa: F401  (registers the module-scoped `moto_s3` fixture)
     outbox_rows,
     poll,
     postgres_fixture,  # noqa: F401  (registers the module-scoped `postgres` fixture)
+    prediction_rows,
 )
 
 PHOTO = jpeg_bytes(random_photo(240, 320, seed=5))
@@ -138,18 +141,6 @@ def test_signal_chain_drains_first_passes_on_after_the_delay_and_hurries_on_a_re
 # --- a real service process -----------------------------------------------------------------
 
 
-@pytest.fixture
-def database(postgres: PostgresServer) -> str:
-    return postgres.create_database("shutdown")
-
-
-@pytest.fixture
-def bucket(moto_s3: MotoS3Server) -> str:
-    if moto_s3.paused:
-        moto_s3.resume()
-    return f"images-{uuid.uuid4().hex[:12]}"
-
-
 def service_env(
     model: Path, shared_cache: Path, data_dir: Path, postgres: PostgresServer,
     database: str, moto_s3: MotoS3Server, bucket: str, **extra: str,
@@ -170,23 +161,6 @@ def service_env(
         "ACCESS_LOG": "true",
         **extra,
     }
-
-
-def stored(postgres: PostgresServer, database: str) -> list[tuple[str, str]]:
-    """(uid, image_path) of every row, however many times a uid occurs (none before the
-    service has created the table)."""
-    if not postgres.has_table("predictions", database):
-        return []
-    out = postgres.psql("SELECT uid, image_path FROM predictions ORDER BY uid", database)
-    return [tuple(line.split("|")) for line in out.splitlines() if line]  # type: ignore[misc]
-
-
-def bucket_keys(moto_s3: MotoS3Server, bucket: str) -> list[str]:
-    client = moto_s3.client()
-    with contextlib.suppress(client.exceptions.NoSuchBucket):
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
-    return []
 
 
 def exit_code(service: ServiceProcess, timeout_s: float = 120) -> int:
@@ -350,7 +324,7 @@ def test_sigterm_in_a_steady_stream_loses_no_accepted_request(
         base_url = service.start()
         post_save(base_url, uuid.uuid4(), seed=0)  # warm: first connection, first save
         # Steady state: storage connected and draining (the first save is in the database).
-        poll(lambda: len(stored(postgres, database)) == 1, timeout_s=120,
+        poll(lambda: len(prediction_rows(postgres, database)) == 1, timeout_s=120,
              message="the first save never reached the database")
         with slow_upload(base_url, release) as slow, concurrent.futures.ThreadPoolExecutor(
             4
@@ -401,11 +375,11 @@ def test_sigterm_in_a_steady_stream_loses_no_accepted_request(
 
     # Every acknowledged save is stored exactly once (drained before exit: the outbox is empty).
     assert outbox_rows(data_dir) == 0
-    rows = stored(postgres, database)
+    rows = prediction_rows(postgres, database)
     uids = sorted(uid for uid, _ in rows)
     assert len(uids) == len(set(uids))
     assert set(acknowledged) <= set(uids) and len(uids) == len(acknowledged) + 1  # + warm-up
-    assert bucket_keys(moto_s3, bucket) == sorted(path for _, path in rows)
+    assert sorted(bucket_objects(moto_s3, bucket)) == sorted(path for _, path in rows)
 
 
 def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
@@ -430,7 +404,7 @@ def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
         assert service.process is not None
         service.process.send_signal(signal.SIGTERM)
         assert exit_code(service) == 0, service.log_tail()
-        assert outbox_rows(data_dir) == 4 and stored(postgres, database) == []
+        assert outbox_rows(data_dir) == 4 and prediction_rows(postgres, database) == []
 
         # Round 2: still hung, a grace far longer than the test waits; SIGTERM twice hurries.
         service.env["OUTBOX_SHUTDOWN_GRACE_S"] = "3600"
@@ -446,13 +420,13 @@ def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
         service.process.send_signal(signal.SIGTERM)
         assert exit_code(service, timeout_s=120) == 0, service.log_tail()
         assert log_count(service, "SIGTERM again: hurrying") == 1
-        assert outbox_rows(data_dir) == 7 and stored(postgres, database) == []
+        assert outbox_rows(data_dir) == 7 and prediction_rows(postgres, database) == []
 
         # Round 3: S3 back; the next start resumes the outbox and stores everything once.
         moto_s3.resume()
         service.env["OUTBOX_SHUTDOWN_GRACE_S"] = "60"
         service.start()
-        poll(lambda: len(stored(postgres, database)) >= 7 and outbox_rows(data_dir) == 0,
+        poll(lambda: len(prediction_rows(postgres, database)) >= 7 and outbox_rows(data_dir) == 0,
              timeout_s=120, message=f"saves not resumed; log:\n{service.log_tail()}")
         service.process.send_signal(signal.SIGTERM)
         assert exit_code(service) == 0, service.log_tail()
@@ -460,9 +434,9 @@ def test_outbox_left_at_shutdown_is_resumed_and_a_second_sigterm_hurries(
         if moto_s3.paused:
             moto_s3.resume()
         service.stop()
-    rows = stored(postgres, database)
+    rows = prediction_rows(postgres, database)
     assert sorted(uid for uid, _ in rows) == sorted(acknowledged)  # all of them, once each
-    assert bucket_keys(moto_s3, bucket) == sorted(path for _, path in rows)
+    assert sorted(bucket_objects(moto_s3, bucket)) == sorted(path for _, path in rows)
 
 
 def test_sigterm_right_after_start_still_drains_the_saves_within_the_grace(
@@ -487,9 +461,9 @@ def test_sigterm_right_after_start_still_drains_the_saves_within_the_grace(
     finally:
         service.stop()
     assert outbox_rows(data_dir) == 0, service.log_tail()
-    rows = stored(postgres, database)
+    rows = prediction_rows(postgres, database)
     assert sorted(uid for uid, _ in rows) == sorted(acknowledged)
-    assert bucket_keys(moto_s3, bucket) == sorted(path for _, path in rows)
+    assert sorted(bucket_objects(moto_s3, bucket)) == sorted(path for _, path in rows)
 
 
 def test_workers_each_drain_when_the_supervisor_gets_sigterm(
