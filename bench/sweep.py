@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers import TEST_SECRET  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
+from tests.servers_mlflow import rss_mb  # noqa: E402
 from tests.servers_storage import ServiceProcess, start_moto, start_postgres  # noqa: E402
 
 SIZES = ["224x224", "640x480", "1024x768", "1600x1200", "4032x3024"]
@@ -56,13 +57,6 @@ STAGES = {
     "batch": "inference_batch_size",
     "api": "inference_api_duration_milliseconds",
 }
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def loadgen(url: str, images: str, out: Path, *args: str) -> dict[str, Any]:
@@ -77,10 +71,14 @@ def loadgen(url: str, images: str, out: Path, *args: str) -> dict[str, Any]:
     return result
 
 
+def scrape(base_url: str) -> list[Any]:
+    """The service's /metrics, parsed into metric families."""
+    return list(text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=30).text))
+
+
 def metric(base_url: str, name: str) -> float:
     """The sum over labels of one gauge or counter from /metrics."""
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    return sum(sample.value for family in text_string_to_metric_families(text)
+    return sum(sample.value for family in scrape(base_url)
                for sample in family.samples if sample.name == name)
 
 
@@ -94,10 +92,9 @@ def wait_for_empty_outbox(base_url: str, timeout_s: float = 300) -> None:
 
 def stage_totals(base_url: str) -> dict[str, tuple[float, float]]:
     """(sum, count) of each stage histogram, summed over labels, from /metrics."""
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
     totals: dict[str, tuple[float, float]] = {}
     wanted = {name: stage for stage, name in STAGES.items()}
-    for family in text_string_to_metric_families(text):
+    for family in scrape(base_url):
         stage = wanted.get(family.name)
         if stage is None:
             continue
