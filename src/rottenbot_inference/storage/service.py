@@ -150,7 +150,11 @@ class PredictionStore:
         if after is not None:
             await asyncio.wait({after}, timeout=CONNECT_AT_LATEST_S)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._build_backends)
+        try:
+            await loop.run_in_executor(self.executor, self._build_backends)
+        except Exception:  # a configuration error: history answers 503 and points here
+            log.exception("saved predictions: the database / image store clients cannot be built")
+            raise
         freeze_startup_objects("storage set-up", self.settings.gc_freeze)
         assert self.url is not None and self.images is not None
         log.info(
