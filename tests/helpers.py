@@ -93,6 +93,17 @@ def auth(user: uuid.UUID | None = None, secret: str = TEST_SECRET) -> dict[str, 
     return {"Authorization": f"Bearer {token(user, secret)}"}
 
 
+def process_env(model: Path, cache: Path, data_dir: Path) -> dict[str, str]:
+    """The settings every test service process shares: its model (conversion cached in
+    `cache`, shared between tests), its own data folder and the tests' JWT secret."""
+    return {
+        "MODEL_PATH": str(model),
+        "MODEL_CACHE_DIR": str(cache),
+        "DATA_DIR": str(data_dir),
+        "JWT_SECRET": TEST_SECRET,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

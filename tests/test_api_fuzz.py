@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.helpers import TEST_SECRET, auth, running_server
+from tests.helpers import auth, process_env, running_server
 
 CHECKS = [
     not_a_server_error,
@@ -47,10 +47,7 @@ SEEN: defaultdict[str, Counter[int]] = defaultdict(Counter)
 def server(tiny_model: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("api-fuzz")
     env = {
-        "MODEL_PATH": str(tiny_model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(folder / "data"),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(tiny_model, shared_cache, folder / "data"),
         "ADMIN_API_KEY": "admin-key-for-the-fuzz-test",
         "MODEL_POLL_INTERVAL_S": "0",
         "ACCESS_LOG": "false",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import TEST_SECRET, jpeg_bytes, random_photo, running_server, token
+from tests.helpers import jpeg_bytes, process_env, random_photo, running_server, token
 from tests.servers import (
     RedisServer,
     redis_server_fixture,  # noqa: F401  (registers the `redis_server` fixture)
@@ -26,10 +26,7 @@ def test_served_api_with_redis_revocation_and_outage(
     utc_clock: None,
 ) -> None:
     env = {
-        "MODEL_PATH": str(tiny_model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(tmp_path / "data"),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(tiny_model, shared_cache, tmp_path / "data"),
         "MAX_BATCH_SIZE": "4",
         "LOG_LEVEL": "debug",
         **redis_server.env,

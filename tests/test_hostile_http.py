@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import TEST_SECRET, auth, jpeg_bytes, random_photo, running_server
+from tests.helpers import auth, jpeg_bytes, process_env, random_photo, running_server
 
 PREDICT = "/api/v1/inference/predict"
 MAX_UPLOAD = 1024 * 1024
@@ -33,10 +33,7 @@ RSS_BOUND = 8 * MAX_UPLOAD + 24 * 1024 * 1024
 def server(tiny_model: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("hostile-http")
     env = {
-        "MODEL_PATH": str(tiny_model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(folder / "data"),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(tiny_model, shared_cache, folder / "data"),
         "MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
         "BODY_READ_TIMEOUT_S": str(BODY_IDLE_S),
         "REQUEST_READ_TIMEOUT_S": str(BODY_TOTAL_S),

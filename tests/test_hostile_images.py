@@ -26,7 +26,7 @@ from rottenbot_inference.inference.images import (
     ImagePreprocessor,
     ImageTooLarge,
 )
-from tests.helpers import TEST_SECRET, auth, jpeg_bytes, random_photo, running_server
+from tests.helpers import auth, jpeg_bytes, process_env, random_photo, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = ROOT / "tests" / "data" / "hostile"
@@ -41,10 +41,7 @@ MAX_PIXELS = 40_000_000  # the default MAX_IMAGE_PIXELS
 def server(tiny_model: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("hostile-images")
     env = {
-        "MODEL_PATH": str(tiny_model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(folder / "data"),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(tiny_model, shared_cache, folder / "data"),
         "MODEL_POLL_INTERVAL_S": "0",
     }
     with running_server(env, folder / "server.log") as base_url:

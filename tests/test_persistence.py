@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from rottenbot_inference.storage.db import VERSION_TABLE, migrate
-from tests.helpers import TEST_SECRET, auth, jpeg_bytes, random_photo
+from tests.helpers import auth, jpeg_bytes, process_env, random_photo
 from tests.servers_storage import (
     COLOURS,
     PREDICTIONS,
@@ -296,10 +296,7 @@ def test_kill_9_after_acknowledged_saves_loses_nothing_and_duplicates_nothing(
 ) -> None:
     data_dir = tmp_path / "data"
     env = {
-        "MODEL_PATH": str(tiny_model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(data_dir),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(tiny_model, shared_cache, data_dir),
         "DATABASE_URL": postgres.url(database),
         **moto_s3.env(bucket),
         "S3_TIMEOUT_S": "3",

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import TEST_SECRET, auth, jpeg_bytes, random_photo, running_server
+from tests.helpers import auth, jpeg_bytes, process_env, random_photo, running_server
 
 PREDICT = "/api/v1/inference/predict"
 
@@ -18,10 +18,7 @@ PREDICT = "/api/v1/inference/predict"
 def server(tiny_model: Path, shared_cache: Path, tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("server")
     env = {
-        "MODEL_PATH": str(tiny_model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(folder / "data"),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(tiny_model, shared_cache, folder / "data"),
         "MAX_UPLOAD_BYTES": "300000",
     }
     with running_server(env, folder / "server.log") as base_url:

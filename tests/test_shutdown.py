@@ -30,7 +30,7 @@ from rottenbot_inference.api.deps import ready_state
 from rottenbot_inference.api.draining import SHUTTING_DOWN
 from rottenbot_inference.api.state import Phase
 from rottenbot_inference.shutdown import GracefulShutdown, begin_draining
-from tests.helpers import TEST_SECRET, auth, jpeg_bytes, random_photo
+from tests.helpers import auth, jpeg_bytes, process_env, random_photo
 from tests.servers_storage import (
     PREDICT,
     MotoS3Server,
@@ -146,10 +146,7 @@ def service_env(
     database: str, moto_s3: MotoS3Server, bucket: str, **extra: str,
 ) -> dict[str, str]:
     return {
-        "MODEL_PATH": str(model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(data_dir),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(model, shared_cache, data_dir),
         "MAX_BATCH_SIZE": "4",
         "DATABASE_URL": postgres.url(database),
         **moto_s3.env(bucket),
@@ -471,10 +468,7 @@ def test_workers_each_drain_when_the_supervisor_gets_sigterm(
 ) -> None:
     """`--workers 2`: uvicorn's supervisor sends SIGTERM to each worker, each drains."""
     env = {
-        "MODEL_PATH": str(converted_tiny_model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(tmp_path / "data"),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(converted_tiny_model, shared_cache, tmp_path / "data"),
         "WORKERS": "2",
         "SHUTDOWN_DELAY_S": "1",
         "LOG_FORMAT": "json",

@@ -30,7 +30,14 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import TEST_SECRET, free_port, jpeg_bytes, random_photo, running_server, token
+from tests.helpers import (
+    free_port,
+    jpeg_bytes,
+    process_env,
+    random_photo,
+    running_server,
+    token,
+)
 
 PREDICT = "/api/v1/inference/predict"
 
@@ -214,10 +221,7 @@ def receiver() -> Iterator[tuple[OtlpReceiver, int]]:
 
 def _server_env(tiny_model: Path, shared_cache: Path, folder: Path) -> dict[str, str]:
     return {
-        "MODEL_PATH": str(tiny_model),
-        "MODEL_CACHE_DIR": str(shared_cache),
-        "DATA_DIR": str(folder / "data"),
-        "JWT_SECRET": TEST_SECRET,
+        **process_env(tiny_model, shared_cache, folder / "data"),
         "MAX_BATCH_SIZE": "4",
         "MAX_BATCH_DELAY_MS": "20",  # concurrent requests share batches
         "LOG_FORMAT": "json",
