@@ -439,6 +439,30 @@ def test_configure_logging_picks_json_or_text(make_settings: Callable[..., Setti
     assert TextFormatter().format(_record(f"x {token()}")).count(REDACTED) == 1
 
 
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_uvicorn_color_message_is_not_logged(
+    make_settings: Callable[..., Settings], log_format: str
+) -> None:
+    """uvicorn passes `color_message` (ANSI escape codes) with its start-up lines."""
+    import uvicorn
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    try:
+        configure_logging(make_settings(log_format=log_format), stream)
+        config = uvicorn.Config(lambda: None, host="127.0.0.1", port=0, log_config=None)
+        config.bind_socket().close()  # logs uvicorn's own "Uvicorn running on ..." line
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    line = stream.getvalue().splitlines()[-1]
+    assert "Uvicorn running on http://127.0.0.1:" in line
+    assert "\x1b" not in line and "color_message" not in line
+    if log_format == "json":
+        assert json.loads(line)["logger"] == "uvicorn.error"
+
+
 def test_sdk_complaints_are_rate_limited() -> None:
     limiter = RateLimitFilter(interval_s=3600)
     complaint = "Transient error %s encountered while exporting traces"

@@ -8,6 +8,8 @@
 - The OpenTelemetry SDK's own warnings (collector unreachable, queue full) are rate limited:
   a collector that is down is worth one line a minute, not one per export attempt.
 - `OtlpLogHandler` ships the same records over OTLP when a logs endpoint is configured.
+- uvicorn's `color_message` (a copy of the message with ANSI colour codes, meant for its own
+  coloured formatter) is never shown: neither as a JSON field nor as `key=value` text.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ _SECRET_PATTERNS = re.compile(
 )
 REDACTED = "[REDACTED]"
 
-# Attributes every LogRecord has; anything else was passed through `extra=`.
+# Attributes every LogRecord has; anything else was passed through `extra=`. uvicorn passes
+# `color_message` (the message again, with ANSI escape codes) for its own formatter: not a field.
 _RESERVED = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()
-    | {"message", "asctime", "taskName", "trace_id", "span_id", "fields"}
+    | {"message", "asctime", "taskName", "trace_id", "span_id", "fields", "color_message"}
 )
 
 
