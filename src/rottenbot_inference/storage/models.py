@@ -1,4 +1,4 @@
-"""The `predictions` table (DESIGN.md §1 columns, never dropped, plus what retraining needs)."""
+"""The `predictions` table: the old columns (docs/contracts.md) plus what retraining needs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Spans: the service's tracer and a cheap span helper for the hot path.
 
-Span tree of one predict request (names fixed by the dashboards, see DESIGN.md §1):
+Span tree of one predict request (names fixed by the dashboards, see docs/contracts.md):
 
     predict_endpoint                      (SERVER; child of an incoming W3C traceparent)
       verify_token, check_revocation      (auth)
