@@ -263,7 +263,7 @@ def test_access_log_has_status_duration_and_user_but_no_secrets(
 
 def test_metrics_endpoint_exposes_the_dashboard_names_and_buckets(client: TestClient) -> None:
     before = _scrape(client)
-    assert client.post(PREDICT, files=_upload(), headers=_bearer())
+    assert client.post(PREDICT, files=_upload(), headers=_bearer()).status_code == 200
     samples = _scrape(client)
 
     def count(found: dict[str, list[Any]]) -> float:
@@ -363,7 +363,8 @@ def test_dashboard_queries_only_metric_names_and_labels_the_service_exposes(
     assert response.status_code == 200
     with _failed_app(make_settings, tmp_path) as failed:
         _wait(lambda: failed.get("/health/ready").json()["status"] == "failed")
-        assert failed.post(PREDICT, files=_upload(), headers=_bearer())
+        refused = failed.post(PREDICT, files=_upload(), headers=_bearer())
+        assert refused.status_code == 503, refused.text  # the model failed to load
     samples = _scrape(client)
     labels_of: dict[str, set[str]] = {}
     for name, found in samples.items():
