@@ -1,6 +1,8 @@
 """The caller's saved predictions: list, get, image, delete (scoped by the token's user).
 
 Another user's prediction is a 404, never a 403: whether a uid exists is not revealed.
+An image is served with the type its bytes have (JPEG/PNG magic), never the stored object's
+metadata: the original service stored images without a content type.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from rottenbot_inference.api.deps import CurrentUser
 from rottenbot_inference.api.errors import ServiceUnavailable
@@ -20,17 +23,21 @@ from rottenbot_inference.api.schemas import (
     SavedPredictionOut,
 )
 from rottenbot_inference.api.state import AppState, get_state
+from rottenbot_inference.inference.images import sniff_format
+from rottenbot_inference.storage.images import ImageStoreError, read_head
 from rottenbot_inference.storage.service import (
     MAX_PAGE_SIZE,
     InvalidCursor,
     PredictionStore,
     SavedPrediction,
+    StorageUnavailable,
 )
 
 PREFIX = "/api/v1/inference/predictions"
 router = APIRouter(prefix=PREFIX, tags=["predictions"])
 
 NOT_FOUND = "Prediction not found."
+UNKNOWN_TYPE = "application/octet-stream"  # neither JPEG nor PNG: with nosniff, never rendered
 _RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorOut, "description": "Missing, invalid, expired or revoked token"},
     404: {"model": ErrorOut, "description": "No such prediction for this user"},
@@ -129,10 +136,16 @@ async def get_prediction_image(user: CurrentUser, store: Store, uid: uuid.UUID) 
     image = await store.open_image(user.user_uid, uid)
     if image is None:
         raise HTTPException(status_code=404, detail=NOT_FOUND)
+    try:
+        head, image = await run_in_threadpool(read_head, image)
+    except ImageStoreError as exc:
+        raise StorageUnavailable("The saved image cannot be read right now.") from exc
+    image_format = sniff_format(head)
+    media_type = image_format.content_type if image_format else UNKNOWN_TYPE
     headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
     if image.size is not None:
         headers["Content-Length"] = str(image.size)
-    return StreamingResponse(image.chunks, media_type=image.content_type, headers=headers)
+    return StreamingResponse(image.chunks, media_type=media_type, headers=headers)
 
 
 @router.delete(

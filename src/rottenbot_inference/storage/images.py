@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -31,7 +31,12 @@ class ImageStoreError(Exception):
 
 @dataclass
 class StoredImage:
-    """An image being read: iterate `chunks` once (it closes the source at the end)."""
+    """An image being read: iterate `chunks` once (it closes the source at the end; a failed
+    read raises ImageStoreError).
+
+    `content_type` is what the store says (S3 metadata, or the key's extension); objects written
+    by the original service carry none, so the API decides the served type from the bytes.
+    """
 
     content_type: str
     size: int | None
@@ -53,6 +58,25 @@ class ImageStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the key; a missing key is not an error."""
+
+
+def read_head(image: StoredImage, size: int = 16) -> tuple[bytes, StoredImage]:
+    """The first `size` bytes of `image` (all of it if shorter) and the image again, whole.
+
+    Blocking (it reads from the store): call from a thread. Raises ImageStoreError if the first
+    read fails, before anything has been sent.
+    """
+    blocks: list[bytes] = []
+    read = 0
+    while read < size and (block := next(image.chunks, None)) is not None:
+        blocks.append(block)
+        read += len(block)
+
+    def whole() -> Iterator[bytes]:
+        yield from blocks
+        yield from image.chunks
+
+    return b"".join(blocks)[:size], replace(image, chunks=whole())
 
 
 def content_type_for(key: str) -> str:
@@ -115,8 +139,11 @@ class LocalImageStore:
 
         def chunks() -> Iterator[bytes]:
             with handle:
-                while block := handle.read(CHUNK_BYTES):
-                    yield block
+                try:
+                    while block := handle.read(CHUNK_BYTES):
+                        yield block
+                except OSError as exc:
+                    raise ImageStoreError(f"cannot read {key}: {exc}") from exc
 
         return StoredImage(content_type_for(key), size, chunks())
 
@@ -229,6 +256,8 @@ class S3ImageStore:
         def chunks() -> Iterator[bytes]:
             try:
                 yield from body.iter_chunks(CHUNK_BYTES)
+            except self._errors() as exc:
+                raise ImageStoreError(f"cannot read {key}: {exc}") from exc
             finally:
                 body.close()
 
