@@ -41,29 +41,8 @@ from tests.servers_storage import (
     prediction_rows,
     save,
     solid_jpeg,
+    storage_overrides,
 )
-
-
-def storage_overrides(
-    postgres: PostgresServer, database: str, moto_s3: MotoS3Server, bucket: str, **extra: object
-) -> dict[str, object]:
-    """Settings of a service using these servers. Timeouts are short enough for outages to show
-    within seconds, long enough for a loaded 2-core machine (the request path's S3 calls for
-    image/delete use them too)."""
-    return {
-        "database_url": postgres.url(database),
-        "local_s3_proxy_service_url": moto_s3.url,
-        "minio_root_user": moto_s3.access_key,
-        "minio_root_password": moto_s3.secret_key,
-        "s3_bucket": bucket,
-        "s3_timeout_s": 3.0,
-        "s3_max_attempts": 2,
-        "database_timeout_s": 5.0,
-        "outbox_retry_base_s": 0.1,
-        "outbox_retry_max_s": 1.0,
-        "outbox_shutdown_grace_s": 1.0,
-        **extra,
-    }
 
 
 def rows(postgres: PostgresServer, database: str, where: str = "true") -> list[list[str]]:
