@@ -234,7 +234,20 @@ class Settings(BaseSettings):
     outbox_dir: Path | None = Field(None, description="Durable save spool; default DATA_DIR/outbox")
     outbox_max_items: int = Field(10_000, ge=1, description="Pending saves beyond which: 503")
     outbox_max_bytes: int = Field(
-        2 * 1024**3, ge=1, description="Pending image bytes beyond which saves get 503"
+        512 * 1024**2, ge=1, description="Pending image bytes beyond which saves get 503"
+    )
+    outbox_min_free_bytes: int = Field(
+        64 * 1024**2, ge=0, description="Saves get 503 when the outbox volume would keep less free"
+    )
+    outbox_min_free_percent: float = Field(
+        5.0, ge=0, lt=100, description="Same, as a share of the volume (the larger reserve wins)"
+    )
+    outbox_ballast_bytes: int = Field(
+        8 * 1024**2, ge=0, description="Space held back to drain from a volume others filled"
+    )
+    outbox_park_retry_s: float = Field(
+        300.0, gt=0, description="Retry delay of items that failed permanently (access denied, "
+        "a row the database rejects)"
     )
     outbox_batch_size: int = Field(16, ge=1, description="Items drained per database insert")
     outbox_upload_concurrency: int = Field(4, ge=1, description="Parallel image uploads")

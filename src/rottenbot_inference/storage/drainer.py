@@ -9,8 +9,11 @@ Scheduling: items are taken oldest first in batches (uploads in parallel, one mu
 one outbox commit). A failed item is retried after an exponential backoff with jitter, capped.
 While a dependency is failing the drainer also backs off as a whole and probes with a single
 item at a time (not the whole backlog, each item waiting out its own timeout); the first success
-restores full batches. On shutdown it keeps draining for a grace period, then leaves the rest in
-the outbox for the next start.
+restores full batches. A permanent failure (failures.py: credentials refused, a row the database
+rejects) parks the items concerned instead: retried every `park_retry_s`, without holding up the
+items behind them. Failures are counted by reason and logged once per change of state, not per
+attempt. On shutdown it keeps draining for a grace period, then leaves the rest in the outbox for
+the next start.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
+from rottenbot_inference.storage.failures import Failure, classify
 from rottenbot_inference.storage.outbox import Entry, Outbox
 from rottenbot_inference.telemetry import SpanContext, traced
 
@@ -52,6 +57,7 @@ class Drainer:
         upload_concurrency: int = 4,
         retry_base_s: float = 0.5,
         retry_max_s: float = 30.0,
+        park_retry_s: float = 300.0,
         ensure_schema: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.outbox = outbox
@@ -62,10 +68,13 @@ class Drainer:
         self.upload_concurrency = upload_concurrency
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        self.park_retry_s = park_retry_s
         self.ensure_schema = ensure_schema
         self.drained = 0  # items moved to the image store + database by this process
         self.failures = 0  # failed attempts (item-level)
+        self.failures_by_reason: Counter[str] = Counter()
         self.last_error: str | None = None
+        self._failing: str | None = None  # the transient failure reason in force, if any
         self._consecutive_failures = 0
         self._resume_at = 0.0  # monotonic; the global backoff while a dependency is down
         self._bucket_ready = False
@@ -154,9 +163,9 @@ class Drainer:
                     await self._drain(due)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # a bug, not an outage: keep the loop alive
+                except Exception as exc:  # a bug, not an outage: keep the loop alive (backoff)
                     log.exception("drainer: unexpected error")
-                    self._failed(due, "unexpected error")
+                    self._failed(due, Failure("unexpected", False, str(exc)))
                 continue
             wake_at = max(self._resume_at, next_due or float("inf")) if not due else self._resume_at
             self._wake.clear()
@@ -193,13 +202,16 @@ class Drainer:
             if not self._bucket_ready:
                 await loop.run_in_executor(self.executor, self.images.ensure_ready)
                 self._bucket_ready = True
+        except Exception as exc:
+            self._failed(entries, classify("image_store", exc))
+            return
+        try:
             images = await self.outbox.load_images([e.uid for e in entries])
         except Exception as exc:
-            self._failed(entries, f"image store: {exc}")
+            self._failed(entries, classify("outbox", exc))
             return
         gate = asyncio.Semaphore(self.upload_concurrency)
-        failed: list[Entry] = []
-        errors: list[str] = []
+        failed: list[tuple[Entry, Failure]] = []
 
         async def upload(entry: Entry) -> Entry | None:
             data = images.get(entry.uid)
@@ -226,54 +238,91 @@ class Drainer:
                             record.content_type or "application/octet-stream",
                         )
                 except Exception as exc:
-                    failed.append(entry)
-                    errors.append(str(exc))
+                    failed.append((entry, classify("image_store", exc)))
                     return None
             self._uploaded.add(entry.uid)
             return entry
 
         uploaded = [e for e in await asyncio.gather(*map(upload, entries)) if e is not None]
-        if failed:
-            self._failed(failed, f"image store: {errors[0]}")
+        for failure in {f.reason: f for _, f in failed}.values():
+            self._failed([e for e, f in failed if f.reason == failure.reason], failure)
         if not uploaded:
             return
-        try:
-            if self.ensure_schema is not None:
-                await self.ensure_schema()
-            links = [s for e in uploaded if (s := self._request_spans.get(e.uid))]
-            with traced("save_prediction_db", {"db.rows": len(uploaded)}, links=links):
-                await self.repository.insert_many([e.record for e in uploaded])
-        except Exception as exc:
-            self._failed(uploaded, f"database: {exc}")
+        inserted = await self._insert(uploaded)
+        if not inserted:
             return
-        uids = [e.uid for e in uploaded]
-        await self.outbox.remove(uids)
+        uids = [e.uid for e in inserted]
+        try:
+            await self.outbox.remove(uids)
+        except Exception as exc:
+            self._failed(inserted, classify("outbox", exc))
+            return
         self._uploaded.difference_update(uids)
         for uid in uids:
             self._request_spans.pop(uid, None)
         self.drained += len(uids)
-        if failed:
+        if failed or len(inserted) < len(uploaded):
             return
-        if self._consecutive_failures:
-            log.info("drainer: storage reachable again; %d saves pending", self.outbox.backlog)
+        if self._failing is not None:
+            log.info(
+                "drainer: storage reachable again after %s; %d saves pending",
+                self._failing, self.outbox.backlog,
+            )
+            self._failing = None
         self._consecutive_failures = 0
         self._resume_at = 0.0
 
-    def _failed(self, entries: list[Entry], reason: str) -> None:
+    async def _insert(self, entries: list[Entry]) -> list[Entry]:
+        """Insert the rows; the entries stored. A batch the database rejects is retried row
+        by row, so that one bad row is parked alone."""
+        assert self.repository is not None
+        try:
+            if self.ensure_schema is not None:
+                await self.ensure_schema()
+            links = [s for e in entries if (s := self._request_spans.get(e.uid))]
+            with traced("save_prediction_db", {"db.rows": len(entries)}, links=links):
+                await self.repository.insert_many([e.record for e in entries])
+            return entries
+        except Exception as exc:
+            failure = classify("database", exc)
+        if not failure.permanent or len(entries) == 1:
+            self._failed(entries, failure)
+            return []
+        stored: list[Entry] = []
+        for entry in entries:
+            stored += await self._insert([entry])
+        return stored
+
+    def _failed(self, entries: list[Entry], failure: Failure) -> None:
         now = time.monotonic()
         self.failures += len(entries)
-        self.last_error = reason
+        self.failures_by_reason[failure.reason] += len(entries)
+        self.last_error = str(failure)
+        for entry in entries:
+            entry.attempts += 1
+            entry.last_error = str(failure)
+            entry.parked = failure.permanent
+            entry.due = now + (
+                self.park_retry_s
+                if failure.permanent
+                else backoff_s(entry.attempts, self.retry_base_s, self.retry_max_s)
+            )
+        if failure.permanent:
+            # Only these items: the others go on (and tell whether the store works at all).
+            log.warning(
+                "drainer: %d saves parked (%s), retried every %.0f s; they stay in the outbox",
+                len(entries), failure, self.park_retry_s,
+            )
+            return
         self._consecutive_failures += 1
         self._resume_at = now + backoff_s(
             self._consecutive_failures, self.retry_base_s, self.retry_max_s
         )
-        for entry in entries:
-            entry.attempts += 1
-            entry.last_error = reason
-            entry.due = now + backoff_s(entry.attempts, self.retry_base_s, self.retry_max_s)
-        log_at = logging.WARNING if self._consecutive_failures in (1, 10, 100) else logging.DEBUG
-        log.log(
-            log_at,
-            "drainer: %d saves not stored yet (%s); retrying with backoff, %d pending",
-            len(entries), reason, self.outbox.backlog,
-        )
+        if failure.reason != self._failing:
+            log.warning(
+                "drainer: saves not stored yet (%s); retrying with backoff, %d pending",
+                failure, self.outbox.backlog,
+            )
+            self._failing = failure.reason
+        else:
+            log.debug("drainer: %d saves not stored yet (%s)", len(entries), failure)

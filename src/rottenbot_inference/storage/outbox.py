@@ -1,26 +1,31 @@
 """A durable local outbox: what makes "a 200 for save_prediction=true is never lost" true.
 
-`await outbox.add(record, image)` returns only once the record and the image bytes are committed
-to a SQLite file in DATA_DIR (WAL journal, `synchronous=FULL`: the WAL is fsynced at every
-commit), so the promise holds through S3 and database outages and `kill -9`. The drainer
-(drainer.py) later uploads the image, inserts the row and removes the item.
+`await outbox.add(record, image)` returns only once the image is in its own file, fsynced, its
+name fsynced in the folder, and the record committed to a SQLite file in DATA_DIR (WAL journal,
+`synchronous=FULL`: the WAL is fsynced at every commit), so the promise holds through S3 and
+database outages, `kill -9` and power cuts. The drainer (drainer.py) later uploads the image,
+inserts the row and removes the item.
 
 Design choices:
 - **Group commit.** One writer thread owns the write connection. Adds (and removals) queue up
-  while it is busy and are committed together in the next transaction: one fsync serves every
-  request that arrived meanwhile, so the fsync cost per request falls as load rises instead of
-  serialising requests behind one another. Removals of drained items are committed without
+  while it is busy and are committed together in the next transaction: one WAL fsync (and one
+  folder fsync) serves every request that arrived meanwhile. Removals are committed without
   fsync (see `_apply`): only adds carry the promise. No SQLite call runs on the event loop.
-- **Bounded.** `max_items` / `max_bytes` (counted at the moment a save is accepted, so
-  concurrent adds cannot overshoot): beyond them `OutboxFull` (the API answers 503 +
-  Retry-After) rather than filling the disk or dropping saves silently.
+- **Images beside the database** (outbox_disk.py). A removal unlinks the image files first,
+  which frees their space at once, then deletes the rows; a row whose file is gone is an item
+  that was drained, and is dropped at the next start. A ballast file, released when a write the
+  outbox needs fails for lack of space, keeps a volume filled by others from blocking the
+  deletes that would empty it.
+- **Bounded.** `max_items`, `max_bytes` (counted at the moment a save is accepted, so
+  concurrent adds cannot overshoot) and the volume's free-space reserve: beyond them
+  `OutboxFull` (the API answers 503 + Retry-After) rather than filling the disk.
 - **An in-memory index** (uid -> record, size, retry state) mirrors the committed rows. The
   drainer schedules from it without polling SQLite, history reads pending saves from it
   (read-your-writes during outages), and backlog size/age are O(1) properties for metrics.
 - **One file per process.** Each process locks a slot file (`outbox-<n>.sqlite3`, `flock`) so
   uvicorn workers sharing DATA_DIR never drain the same items twice; on start a process also
   adopts the items of slots no live process holds (a worker count that shrank, a crashed
-  process), so nothing is stranded.
+  process), so nothing is stranded. Image files live in one folder shared by all slots.
 """
 
 from __future__ import annotations
@@ -30,25 +35,32 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import queue
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+from rottenbot_inference.storage.outbox_disk import (
+    DiskBudget,
+    SpoolFiles,
+    fsync_dir,
+    is_disk_full,
+    is_read_only,
+)
 from rottenbot_inference.storage.records import PredictionRecord
 
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 64
 _BATCH_BYTES = 64 * 1024 * 1024  # one group commit carries at most this much image data
-_VACUUM_EVERY = 256  # removed items between incremental vacuums (frees up to 16 MiB each)
+# `image` holds the bytes only in outboxes written before images moved to files (read still).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -59,18 +71,46 @@ CREATE TABLE IF NOT EXISTS items (
     enqueued_at REAL NOT NULL
 )
 """
+_T = TypeVar("_T")
 
 
 class OutboxError(Exception):
     """The outbox cannot accept the save (the API answers 503)."""
 
+    reason = "error"
+
 
 class OutboxFull(OutboxError):
-    """Too many pending saves: the image store or database has been unreachable for a while."""
+    """Too many pending saves, or too little free space: storage has been unreachable a while."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class OutboxClosed(OutboxError):
     """The process is shutting down."""
+
+    reason = "closed"
+
+
+class OutboxVolumeError(OutboxError):
+    """The outbox's volume refused a write (full or read-only)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _volume_error(exc: BaseException | None) -> OutboxError:
+    """The error a failed add answers with, by what the volume said."""
+    if exc is not None and is_disk_full(exc):
+        return OutboxVolumeError("The save spool's volume is full; retry shortly.", "disk_full")
+    if exc is not None and is_read_only(exc):
+        return OutboxVolumeError(
+            "The save spool's volume is read-only; retry on another replica.", "read_only"
+        )
+    return OutboxError("the outbox could not store the save")
 
 
 @dataclass(eq=False)
@@ -83,6 +123,7 @@ class Entry:
     attempts: int = 0
     due: float = 0.0  # time.monotonic() at which the drainer may try it
     last_error: str | None = None
+    parked: bool = False  # a permanent failure: retried only rarely (see the drainer)
     busy: bool = False  # claimed by the drainer or a delete
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -125,30 +166,38 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA journal_size_limit=67108864")
+    # The WAL is truncated back to this after a checkpoint: records are small, so it stays
+    # small, and the space it keeps is reused by the next transactions.
+    conn.execute("PRAGMA journal_size_limit=4194304")
     return conn
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Outbox:
     """See the module docstring. Open with `await open()`, close with `await close()`."""
 
-    def __init__(self, folder: Path, max_items: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        max_items: int,
+        max_bytes: int,
+        *,
+        min_free_bytes: int = 0,
+        min_free_percent: float = 0.0,
+        ballast_bytes: int = 0,
+    ) -> None:
         self.folder = Path(folder)
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.files = SpoolFiles(self.folder / "images")
+        self.budget = DiskBudget(self.folder, min_free_bytes, min_free_percent, ballast_bytes)
         self.path: Path | None = None
         self.transactions = 0  # group commits done (one fsync each)
+        self.refused: Counter[str] = Counter()  # saves refused, by reason
         self._index: dict[uuid.UUID, Entry] = {}
         self._items = 0  # committed + being committed
         self._bytes = 0
+        self._writing = 0  # image bytes accepted, not yet on disk
+        self._undeleted: list[uuid.UUID] = []  # drained, rows not deleted yet (no space)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="outbox-read")
@@ -158,14 +207,13 @@ class Outbox:
         self._closed = True
         self._broken = False
         self._synchronous_full: bool | None = None  # the writer connection's current mode
-        self._removed = 0  # removals since the last incremental vacuum
         self._listeners: list[Any] = []
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        rows = await asyncio.to_thread(self._open_sync)
+        rows = await asyncio.to_thread(self._with_room, self._open_sync)
         for record_json, size, enqueued_at in rows:
             record = PredictionRecord.from_json(json.loads(record_json))
             self._index[record.uid] = Entry(record, size, enqueued_at)
@@ -179,24 +227,55 @@ class Outbox:
 
     def _open_sync(self) -> list[tuple[str, int, float]]:
         self.folder.mkdir(parents=True, exist_ok=True)
-        for slot in range(MAX_SLOTS):
-            lock = self._try_lock(slot)
-            if lock is not None:
-                self._lock_file = lock
-                self.path = self.folder / f"outbox-{slot}.sqlite3"
-                break
-        else:
-            raise OutboxError(f"all {MAX_SLOTS} outbox slots in {self.folder} are in use")
+        self.files.open()
+        if self.path is None:
+            for slot in range(MAX_SLOTS):
+                lock = self._try_lock(slot)
+                if lock is not None:
+                    self._lock_file = lock
+                    self.path = self.folder / f"outbox-{slot}.sqlite3"
+                    break
+            else:
+                raise OutboxError(f"all {MAX_SLOTS} outbox slots in {self.folder} are in use")
         conn = _connect(self.path)
         try:
             conn.execute(_SCHEMA)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             self._adopt_orphans(conn)
-            return conn.execute(
+            self._drop_drained(conn)
+            rows = conn.execute(
                 "SELECT record, size, enqueued_at FROM items ORDER BY seq"
             ).fetchall()
         finally:
             conn.close()
+        self._remove_orphan_files()
+        self.budget.ensure_ballast()
+        return rows
+
+    def _drop_drained(self, conn: sqlite3.Connection) -> None:
+        """Rows whose image file is gone (and that hold no image themselves) were drained: the
+        file is only ever unlinked after the drain, the row delete may not have committed."""
+        drained = [
+            uid
+            for uid, legacy_size in conn.execute("SELECT uid, length(image) FROM items")
+            if not legacy_size and not self.files.exists(uuid.UUID(uid))
+        ]
+        if drained:
+            conn.executemany("DELETE FROM items WHERE uid = ?", [(uid,) for uid in drained])
+            log.info("outbox: forgot %d items drained before the last stop", len(drained))
+
+    def _remove_orphan_files(self) -> None:
+        """Image files no slot's rows name: an add that never committed (a crash, a failure)."""
+        referenced: set[str] = set()
+        for other in self.folder.glob("outbox-*.sqlite3"):
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{other}?mode=ro", uri=True)) as c:
+                    referenced.update(uid for (uid,) in c.execute("SELECT uid FROM items"))
+            except sqlite3.Error:
+                return  # cannot tell what is referenced: keep every file
+        removed = self.files.remove_orphans(referenced)
+        if removed:
+            log.info("outbox: removed %d image files of saves never committed", removed)
 
     def _try_lock(self, slot: int) -> IO[bytes] | None:
         handle = (self.folder / f"outbox-{slot}.lock").open("ab")
@@ -254,6 +333,7 @@ class Outbox:
             await asyncio.to_thread(self._writer.join)
         await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
         self._reader.shutdown(wait=True)
+        await asyncio.to_thread(self.files.close)
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -262,6 +342,15 @@ class Outbox:
         if self._read_conn is not None:
             self._read_conn.close()
             self._read_conn = None
+
+    def _with_room(self, operation: Callable[[], _T]) -> _T:
+        """Run a write the outbox needs; if the volume is full, release the ballast and retry."""
+        try:
+            return operation()
+        except (OSError, sqlite3.Error) as exc:
+            if not (is_disk_full(exc) and self.budget.release_ballast()):
+                raise
+        return operation()
 
     # --- the index -------------------------------------------------------------------------
 
@@ -272,13 +361,23 @@ class Outbox:
 
     @property
     def backlog_bytes(self) -> int:
+        """Image bytes of the pending saves."""
         return sum(entry.size for entry in self._index.values())
+
+    @property
+    def parked(self) -> int:
+        """Pending saves set aside after a permanent failure (retried rarely)."""
+        return sum(1 for entry in self._index.values() if entry.parked)
 
     @property
     def oldest_age_s(self) -> float:
         """Age of the oldest pending save, 0 when none is pending."""
         first = next(iter(self._index.values()), None)
         return 0.0 if first is None else max(0.0, time.time() - first.enqueued_at)
+
+    def volume_usage(self) -> tuple[int, int]:
+        """(free bytes, size) of the outbox's volume."""
+        return self.budget.usage()
 
     def get(self, uid: uuid.UUID) -> Entry | None:
         return self._index.get(uid)
@@ -293,25 +392,42 @@ class Outbox:
 
     # --- writes ----------------------------------------------------------------------------
 
+    def _refuse(self, error: OutboxError) -> OutboxError:
+        self.refused[error.reason] += 1
+        return error
+
     async def add(self, record: PredictionRecord, image: bytes) -> None:
         """Durably spool one save; returns once it is committed and fsynced."""
         if self._closed:
-            raise OutboxClosed("The service is shutting down; retry on another replica.")
+            raise self._refuse(OutboxClosed("The service is shutting down; retry on another "
+                                            "replica."))
         if self._broken:
-            raise OutboxError("The save spool is not writable; retry shortly.")
+            raise self._refuse(OutboxError("The save spool is not writable; retry shortly."))
         size = len(image)
-        if self._items + 1 > self.max_items or self._bytes + size > self.max_bytes:
-            raise OutboxFull(
-                "Too many saved predictions are waiting for storage; retry shortly."
-            )
+        if self._items + 1 > self.max_items:
+            raise self._refuse(OutboxFull(
+                "Too many saved predictions are waiting for storage; retry shortly.", "items"
+            ))
+        if self._bytes + size > self.max_bytes:
+            raise self._refuse(OutboxFull(
+                "Saved predictions waiting for storage fill the spool; retry shortly.", "bytes"
+            ))
+        if not self.budget.room_for(size, self._writing):
+            raise self._refuse(OutboxFull(
+                "The save spool's volume is nearly full; retry shortly.", "disk_reserve"
+            ))
         self._items += 1
         self._bytes += size
+        self._writing += size
         assert self._loop is not None
         future: asyncio.Future[None] = self._loop.create_future()
         entry = Entry(record, size, time.time())
         self._queue.put(_Add(entry, image, future))
         # Shielded: a client that disconnects does not undo a commit already under way.
-        await asyncio.shield(future)
+        try:
+            await asyncio.shield(future)
+        except OutboxError as exc:
+            raise self._refuse(exc) from None
 
     async def remove(self, uids: Sequence[uuid.UUID]) -> None:
         """Durably delete items (drained or discarded); they leave the index at once."""
@@ -331,13 +447,12 @@ class Outbox:
         conn: sqlite3.Connection | None = None
         batch: list[_Add | _Remove] = []
         try:
-            conn = _connect(self.path)
+            conn = self._with_room(lambda: _connect(self.path))  # type: ignore[arg-type]
             self._synchronous_full = True
             while True:
                 batch, stop = self._next_batch()
                 if batch:
                     self._settle(batch, self._commit(conn, batch))
-                    self._maybe_vacuum(conn, batch)
                     batch = []
                 if stop:
                     return
@@ -357,19 +472,6 @@ class Outbox:
         finally:
             if conn is not None:
                 conn.close()
-
-    def _maybe_vacuum(self, conn: sqlite3.Connection, batch: list[_Add | _Remove]) -> None:
-        """Give the space of drained images back to the file system, a little at a time (a
-        long outage can grow the file to OUTBOX_MAX_BYTES; it should not stay that big)."""
-        self._removed += sum(len(op.uids) for op in batch if isinstance(op, _Remove))
-        if self._removed >= _VACUUM_EVERY:
-            self._removed = 0
-            try:
-                self._set_synchronous(conn, full=False)
-                # executescript steps the pragma to completion (execute frees one page only)
-                conn.executescript("PRAGMA incremental_vacuum(4096);")
-            except sqlite3.Error:
-                log.warning("outbox: incremental vacuum failed", exc_info=True)
 
     def _next_batch(self) -> tuple[list[_Add | _Remove], bool]:
         first = self._queue.get()
@@ -392,29 +494,79 @@ class Outbox:
     def _commit(
         self, conn: sqlite3.Connection, batch: list[_Add | _Remove]
     ) -> list[BaseException | None]:
-        """One transaction for the whole batch; if it fails, each op alone (to isolate it)."""
+        """Image files first (removals free their space, adds are fsynced), then one
+        transaction for the rows; if it fails, each op alone (to isolate it)."""
+        results: list[BaseException | None] = [None] * len(batch)
+        adds = [(i, op) for i, op in enumerate(batch) if isinstance(op, _Add)]
+        for op in batch:
+            if isinstance(op, _Remove):
+                self.files.unlink_many(op.uids)
+        if adds:
+            written = self._with_room(
+                lambda: self._raise_if_full(
+                    self.files.write_many([(op.entry.uid, op.image) for _, op in adds])
+                )
+            )
+            for (i, _), error in zip(adds, written, strict=True):
+                results[i] = error
+        rows = [op for op, error in zip(batch, results, strict=True) if error is None]
+        if rows:
+            for op, error in zip(rows, self._commit_rows(conn, rows), strict=True):
+                if error is not None:
+                    results[batch.index(op)] = error
+        for op, error in zip(batch, results, strict=True):
+            if isinstance(op, _Add) and error is not None:
+                self.files.unlink_many([op.entry.uid])  # never committed: no row names it
+        if any(isinstance(op, _Remove) for op in batch):
+            self.budget.ensure_ballast()
+        return results
+
+    def _raise_if_full(self, results: list[BaseException | None]) -> list[BaseException | None]:
+        """Turn a 'disk full' among the results into an exception, for `_with_room` to retry
+        once with the ballast released (files written meanwhile are simply rewritten)."""
+        for error in results:
+            if error is not None and is_disk_full(error):
+                raise error
+        return results
+
+    def _commit_rows(
+        self, conn: sqlite3.Connection, batch: list[_Add | _Remove]
+    ) -> list[BaseException | None]:
+        # Deletes that could not commit earlier (no space) go with the next transaction.
+        undeleted, self._undeleted = self._undeleted, []
         try:
-            self._apply(conn, batch)
+            self._with_room(lambda: self._apply(conn, batch, undeleted))
             return [None] * len(batch)
         except Exception:
             log.exception("outbox: group commit of %d operations failed", len(batch))
-        if len(batch) == 1:
-            return [OutboxError("the outbox could not store the save")]
         results: list[BaseException | None] = []
         for op in batch:
             try:
-                self._apply(conn, [op])
+                self._with_room(lambda op=op: self._apply(conn, [op], []))  # type: ignore[misc]
                 results.append(None)
             except Exception as exc:
-                log.exception("outbox: operation failed")
-                results.append(exc)
+                if isinstance(op, _Remove):
+                    # The files are gone, so the item is known drained even if the row stays
+                    # (dropped at the next start); retried with the next transaction.
+                    self._undeleted.extend(op.uids)
+                    log.warning("outbox: could not delete %d drained items yet: %s",
+                                len(op.uids), exc)
+                    results.append(None)
+                else:
+                    log.exception("outbox: operation failed")
+                    results.append(exc)
+        self._undeleted.extend(undeleted)
         return results
 
-    def _apply(self, conn: sqlite3.Connection, batch: Sequence[_Add | _Remove]) -> None:
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        batch: Sequence[_Add | _Remove],
+        undeleted: Sequence[uuid.UUID],
+    ) -> None:
         # Adds are fsynced (the promise). A batch of removals only is not: losing one to a power
-        # cut means re-draining an item, which is idempotent; not fsyncing keeps the next group
-        # of adds from queueing behind a removal's fsync. (A process kill loses neither: the
-        # kernel keeps the written pages.)
+        # cut means a row without its file, which the next start drops (see `_drop_drained`);
+        # not fsyncing keeps the next group of adds from queueing behind a removal's fsync.
         self._set_synchronous(conn, full=any(isinstance(op, _Add) for op in batch))
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -427,7 +579,7 @@ class Outbox:
                         (
                             str(record.uid),
                             json.dumps(record.to_json()),
-                            op.image,
+                            b"",
                             op.entry.size,
                             op.entry.enqueued_at,
                         ),
@@ -436,6 +588,8 @@ class Outbox:
                     conn.executemany(
                         "DELETE FROM items WHERE uid = ?", [(str(uid),) for uid in op.uids]
                     )
+            if undeleted:
+                conn.executemany("DELETE FROM items WHERE uid = ?", [(str(u),) for u in undeleted])
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced before this returns
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -459,6 +613,7 @@ class Outbox:
         added = False
         for op, error in zip(batch, results, strict=True):
             if isinstance(op, _Add):
+                self._writing -= op.entry.size
                 if error is None:
                     self._index[op.entry.uid] = op.entry
                     added = True
@@ -466,17 +621,13 @@ class Outbox:
                     self._items -= 1
                     self._bytes -= op.entry.size
             else:
-                if error is not None:
-                    # The rows are still on disk; they are drained again after a restart
-                    # (idempotently). Counting them as gone keeps the bound from leaking.
-                    log.error("outbox: could not delete %d drained items", len(op.uids))
                 self._items -= len(op.uids)
                 self._bytes -= op.size
             if not op.future.done():
                 if error is None:
                     op.future.set_result(None)
                 else:
-                    op.future.set_exception(OutboxError("the outbox could not store the save"))
+                    op.future.set_exception(_volume_error(error))
         if added:
             for callback in self._listeners:
                 callback()
@@ -491,14 +642,22 @@ class Outbox:
         return await loop.run_in_executor(self._reader, self._load_sync, list(uids))
 
     def _load_sync(self, uids: list[uuid.UUID]) -> dict[uuid.UUID, bytes]:
-        assert self.path is not None
-        if self._read_conn is None:
-            self._read_conn = _connect(self.path)
         found: dict[uuid.UUID, bytes] = {}
+        legacy: list[uuid.UUID] = []
         for uid in uids:
-            row = self._read_conn.execute(
-                "SELECT image FROM items WHERE uid = ?", (str(uid),)
-            ).fetchone()
-            if row is not None:
-                found[uid] = bytes(row[0])
+            data = self.files.read(uid)
+            if data is not None:
+                found[uid] = data
+            else:
+                legacy.append(uid)
+        if legacy:  # written by a version that kept images inside SQLite
+            assert self.path is not None
+            if self._read_conn is None:
+                self._read_conn = _connect(self.path)
+            for uid in legacy:
+                row = self._read_conn.execute(
+                    "SELECT image FROM items WHERE uid = ? AND length(image) > 0", (str(uid),)
+                ).fetchone()
+                if row is not None:
+                    found[uid] = bytes(row[0])
         return found

@@ -30,7 +30,7 @@ from rottenbot_inference.heap import freeze_startup_objects
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
 from rottenbot_inference.storage.images import ImageStore, ImageStoreError, StoredImage
-from rottenbot_inference.storage.outbox import Outbox, OutboxError, OutboxFull
+from rottenbot_inference.storage.outbox import Outbox, OutboxError
 from rottenbot_inference.storage.records import STORED_TOP_K, PredictionRecord, object_key
 from rottenbot_inference.telemetry.tracing import current_span_context, traced
 
@@ -118,6 +118,9 @@ class PredictionStore:
             settings.outbox_dir or settings.data_dir / "outbox",
             max_items=settings.outbox_max_items,
             max_bytes=settings.outbox_max_bytes,
+            min_free_bytes=settings.outbox_min_free_bytes,
+            min_free_percent=settings.outbox_min_free_percent,
+            ballast_bytes=settings.outbox_ballast_bytes,
         )
         self.executor = ThreadPoolExecutor(
             max_workers=settings.outbox_upload_concurrency + 4, thread_name_prefix="storage-io"
@@ -129,6 +132,7 @@ class PredictionStore:
             upload_concurrency=settings.outbox_upload_concurrency,
             retry_base_s=settings.outbox_retry_base_s,
             retry_max_s=settings.outbox_retry_max_s,
+            park_retry_s=settings.outbox_park_retry_s,
             ensure_schema=self.ensure_schema,
         )
         self._schema_ready = not settings.migrate_on_start
@@ -136,6 +140,7 @@ class PredictionStore:
         self._migrating: asyncio.Task[None] | None = None
         self._hurried = False
         self._hurry_event = asyncio.Event()
+        self._refusing: str | None = None  # why saves are being refused, if they are
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -302,14 +307,26 @@ class PredictionStore:
         try:
             with traced("save_prediction_outbox", {"image.bytes": len(image)}):
                 await self.outbox.add(record, image)
-        except OutboxFull as exc:
-            self.drainer.forget(uid)
-            log.warning("outbox full (%d pending): refusing a save", self.outbox.backlog)
-            raise StorageUnavailable(str(exc)) from exc
         except OutboxError as exc:
             self.drainer.forget(uid)
+            self._note_refusal(exc.reason)
             raise StorageUnavailable(str(exc)) from exc
+        self._note_refusal(None)
         return uid
+
+    def _note_refusal(self, reason: str | None) -> None:
+        """Log when saves start or stop being refused (once per change, not per request)."""
+        if reason == self._refusing:
+            return
+        if reason is None:
+            log.info("outbox: accepting saves again (%d pending)", self.outbox.backlog)
+        else:
+            free, total = self.outbox.volume_usage()
+            log.warning(
+                "outbox: refusing saves (%s): %d pending, %d bytes; volume %d of %d bytes free",
+                reason, self.outbox.backlog, self.outbox.backlog_bytes, free, total,
+            )
+        self._refusing = reason
 
     async def list(
         self,

@@ -212,7 +212,31 @@ def _drained(state: AppState) -> Iterable[Observation]:
 
 def _drain_failures(state: AppState) -> Iterable[Observation]:
     if state.predictions is not None:
-        yield Observation(state.predictions.drainer.failures, _labels())
+        for reason, count in state.predictions.drainer.failures_by_reason.items():
+            yield Observation(count, _labels(reason=reason))
+
+
+def _outbox_bytes(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        yield Observation(state.predictions.outbox.backlog_bytes, _labels())
+
+
+def _outbox_parked(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        yield Observation(state.predictions.outbox.parked, _labels())
+
+
+def _outbox_volume(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        free, total = state.predictions.outbox.volume_usage()
+        yield Observation(free, _labels(kind="free"))
+        yield Observation(total, _labels(kind="size"))
+
+
+def _outbox_refused(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        for reason, count in state.predictions.outbox.refused.items():
+            yield Observation(count, _labels(reason=reason))
 
 
 _meter.create_observable_gauge(
@@ -255,7 +279,25 @@ _meter.create_observable_counter(
 )
 _meter.create_observable_counter(
     "inference_outbox_failures_total", [_observe(_drain_failures)], unit="1",
-    description="Failed attempts to store an outbox item (retried with backoff)",
+    description="Failed attempts to store an outbox item, by reason (transient ones retried "
+    "with backoff, permanent ones parked)",
+)
+_meter.create_observable_gauge(
+    "inference_outbox_bytes", [_observe(_outbox_bytes)], unit="By",
+    description="Image bytes of the saved predictions waiting in the outbox",
+)
+_meter.create_observable_gauge(
+    "inference_outbox_parked", [_observe(_outbox_parked)], unit="{item}",
+    description="Outbox items set aside after a permanent failure (retried rarely, kept)",
+)
+_meter.create_observable_gauge(
+    "inference_outbox_volume_bytes", [_observe(_outbox_volume)], unit="By",
+    description="The outbox volume's free space (kind=free) and size (kind=size)",
+)
+_meter.create_observable_counter(
+    "inference_outbox_refused_total", [_observe(_outbox_refused)], unit="{request}",
+    description="Saves refused with 503, by reason (items, bytes, disk_reserve, disk_full, "
+    "read_only, closed, error)",
 )
 
 
