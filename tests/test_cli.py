@@ -1,9 +1,11 @@
-"""The command line: predict offline, mint tokens, help everywhere."""
+"""The command line: predict offline, mint tokens, convert ahead of time, help everywhere."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
+from pathlib import Path
 
 import jwt
 import pytest
@@ -21,7 +23,7 @@ def runner(monkeypatch, tmp_path, shared_cache) -> CliRunner:
     return CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["predict"], ["token"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["predict"], ["token"], ["convert"]])
 def test_help_everywhere(runner: CliRunner, command: list[str]) -> None:
     result = runner.invoke(main, [*command, "--help"])
     assert result.exit_code == 0
@@ -58,3 +60,48 @@ def test_token_matches_the_auth_service_format(runner: CliRunner) -> None:
     uuid.UUID(claims["jti"])
     refresh = runner.invoke(main, ["token", "--refresh"])
     assert jwt.decode(refresh.output.strip(), TEST_SECRET, algorithms=["HS256"])["refresh"] is True
+
+
+def test_convert_says_what_it_did_and_honours_cache_dir(
+    runner: CliRunner, tiny_model: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model.parent, model, ignore=shutil.ignore_patterns("onnx-cache"))
+    keras_file = model / tiny_model.name
+    first, second = tmp_path / "first-cache", tmp_path / "second-cache"
+
+    converted = runner.invoke(main, ["convert", str(model), "--cache-dir", str(first)])
+    assert converted.exit_code == 0, converted.output
+    (entry,) = first.glob("*.onnx")
+    assert f"{keras_file}: converted to ONNX" in converted.output
+    assert f"written to {entry}" in converted.output
+    assert not (model / "onnx-cache").exists()  # nothing beside the model
+
+    again = runner.invoke(main, ["convert", str(model), "--cache-dir", str(first)])
+    assert again.exit_code == 0, again.output
+    assert f"already converted, found in {entry}; nothing written" in again.output
+    assert list(first.iterdir()) == [entry]
+
+    # A conversion beside the model (the default place) is reused for another --cache-dir.
+    (model / "onnx-cache").mkdir()
+    beside = model / "onnx-cache" / entry.name
+    shutil.copyfile(entry, beside)
+    copied = runner.invoke(main, ["convert", str(model), "--cache-dir", str(second)])
+    assert copied.exit_code == 0, copied.output
+    assert f"found in {beside}; copied to {second / entry.name}" in copied.output
+    assert (second / entry.name).read_bytes() == entry.read_bytes()
+
+    default = runner.invoke(main, ["convert", str(model)])
+    assert default.exit_code == 0, default.output
+    assert f"found in {beside}; nothing written" in default.output
+
+
+def test_convert_refuses_what_it_cannot_convert(runner: CliRunner, tmp_path: Path) -> None:
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"")
+    nothing = runner.invoke(main, ["convert", str(onnx)])
+    assert nothing.exit_code == 0 and "is ONNX already: nothing to convert" in nothing.output
+    other = tmp_path / "model.h5"
+    other.write_bytes(b"")
+    refused = runner.invoke(main, ["convert", str(other)])
+    assert refused.exit_code == 1 and "expected a .keras or .onnx file" in refused.output

@@ -178,14 +178,11 @@ def convert(model: Path, cache_dir: Path | None) -> None:
     target = cache_dir or path.parent / BUNDLED_CACHE_NAME
     settings = Settings(model_cache_dir=target, model_runtime="onnxruntime")
     _configure_logging(settings.model_copy(update={"log_level": "warning"}))
-    loader = ModelLoader(settings)
     try:
-        loader.convert(path)
+        outcome = ModelLoader(settings).convert(path)
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from exc
-    if loader.needs_conversion(path):  # pragma: no cover - convert() raises instead
-        raise click.ClickException(f"{path}: no conversion was cached")
-    click.echo(f"{path}: ONNX conversion cached in {target}")
+    click.echo(outcome.describe(path))
 
 
 def _emit_error(name: str, message: str, as_json: bool) -> None:

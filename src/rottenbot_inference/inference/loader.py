@@ -11,10 +11,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import yaml
 
@@ -43,6 +44,25 @@ class LocalArtifact:
     name: str
     version: str | None = None  # None: derived from the content hash
     classes_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ConversionOutcome:
+    """What `ModelLoader.convert` did to get a Keras model's ONNX conversion into the cache."""
+
+    action: Literal["cached", "copied", "converted"]
+    onnx_path: Path  # the conversion, in the loader's cache folder
+    found_at: Path | None = None  # "copied": the existing conversion that was reused
+
+    def describe(self, model: Path) -> str:
+        if self.action == "cached":
+            return f"{model}: already converted, found in {self.onnx_path}; nothing written"
+        if self.action == "copied":
+            return (
+                f"{model}: already converted, found in {self.found_at}; "
+                f"copied to {self.onnx_path}"
+            )
+        return f"{model}: converted to ONNX, verified against Keras and written to {self.onnx_path}"
 
 
 class ModelSource(Protocol):
@@ -178,10 +198,32 @@ class ModelLoader:
         folders = (self.settings.cache_dir, path.parent / BUNDLED_CACHE_NAME)
         return not any((folder / entry).is_file() for folder in folders)
 
-    def convert(self, path: Path) -> list[str]:
-        """Convert a Keras model file into the ONNX cache now (a no-op when cached)."""
-        _, notes = self._runtime_for(path, _sha256(path))
-        return notes
+    def convert(self, path: Path) -> ConversionOutcome:
+        """Put the ONNX conversion of a Keras model file into the cache folder now.
+
+        Already there: nothing is written. Found in the other place the loader looks (the
+        bundled cache beside the model): copied, without TensorFlow. Otherwise converted.
+        """
+        if path.suffix != ".keras":
+            raise ModelLoadError(f"{path}: only a .keras model can be converted")
+        content_hash = _sha256(path)
+        entry = self._cache_entry(content_hash)
+        target = self.settings.cache_dir / entry
+        if target.is_file():
+            return ConversionOutcome("cached", target)
+        beside = path.parent / BUNDLED_CACHE_NAME / entry
+        if beside.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as handle:
+                shutil.copyfile(beside, handle.name)
+            os.chmod(handle.name, 0o644)
+            os.replace(handle.name, target)
+            log.info("copied the conversion of %s from %s to %s", path.name, beside, target)
+            return ConversionOutcome("copied", target, found_at=beside)
+        _, notes = self._convert(path, content_hash)
+        if not target.is_file():
+            raise ModelLoadError(f"{path}: no conversion was written ({'; '.join(notes)})")
+        return ConversionOutcome("converted", target)
 
     # -- runtimes ------------------------------------------------------------------------
 
