@@ -113,6 +113,15 @@ def _volume_error(exc: BaseException | None) -> OutboxError:
     return OutboxError("the outbox could not store the save")
 
 
+def _raise_if_full(results: list[BaseException | None]) -> list[BaseException | None]:
+    """Raise a 'disk full' among per-file results, for `_with_room` to retry the whole write
+    once with the ballast released (files written meanwhile are simply rewritten)."""
+    for error in results:
+        if error is not None and is_disk_full(error):
+            raise error
+    return results
+
+
 @dataclass(eq=False)
 class Entry:
     """A committed, not yet drained save, and its retry state."""
@@ -348,7 +357,9 @@ class Outbox:
         try:
             return operation()
         except (OSError, sqlite3.Error) as exc:
-            if not (is_disk_full(exc) and self.budget.release_ballast()):
+            # SQLite reports a shared-memory file it cannot grow as a plain "disk I/O error".
+            out_of_space = is_disk_full(exc) or self.budget.exhausted()
+            if not (out_of_space and self.budget.release_ballast()):
                 raise
         return operation()
 
@@ -452,7 +463,12 @@ class Outbox:
             while True:
                 batch, stop = self._next_batch()
                 if batch:
-                    self._settle(batch, self._commit(conn, batch))
+                    try:
+                        results = self._commit(conn, batch)
+                    except Exception as exc:  # a bug: fail this batch, keep the writer alive
+                        log.exception("outbox: commit failed")
+                        results = [exc] * len(batch)
+                    self._settle(batch, results)
                     batch = []
                 if stop:
                     return
@@ -494,102 +510,77 @@ class Outbox:
     def _commit(
         self, conn: sqlite3.Connection, batch: list[_Add | _Remove]
     ) -> list[BaseException | None]:
-        """Image files first (removals free their space, adds are fsynced), then one
-        transaction for the rows; if it fails, each op alone (to isolate it)."""
+        """Files first (removals free their space, adds are written and fsynced), then one
+        transaction for the rows. Returns each op's error; removals never fail: an item the
+        volume will not let us delete yet was drained all the same, and is retried later."""
         results: list[BaseException | None] = [None] * len(batch)
+        gone = self._unlink([uid for op in batch if isinstance(op, _Remove) for uid in op.uids])
         adds = [(i, op) for i, op in enumerate(batch) if isinstance(op, _Add)]
-        for op in batch:
-            if isinstance(op, _Remove):
-                self.files.unlink_many(op.uids)
         if adds:
-            written = self._with_room(
-                lambda: self._raise_if_full(
-                    self.files.write_many([(op.entry.uid, op.image) for _, op in adds])
+            try:
+                written = self._with_room(
+                    lambda: _raise_if_full(
+                        self.files.write_many([(op.entry.uid, op.image) for _, op in adds])
+                    )
                 )
-            )
+            except OSError as exc:
+                written = [exc] * len(adds)
             for (i, _), error in zip(adds, written, strict=True):
                 results[i] = error
-        rows = [op for op, error in zip(batch, results, strict=True) if error is None]
-        if rows:
-            for op, error in zip(rows, self._commit_rows(conn, rows), strict=True):
-                if error is not None:
-                    results[batch.index(op)] = error
-        for op, error in zip(batch, results, strict=True):
-            if isinstance(op, _Add) and error is not None:
+        inserts = [op for (i, op) in adds if results[i] is None]
+        try:
+            self._with_room(lambda: self._apply(conn, inserts, gone))
+        except Exception as exc:
+            log.warning("outbox: group commit of %d adds, %d deletes failed: %s",
+                        len(inserts), len(gone), exc)
+            self._undeleted.extend(gone)
+            for i, op in adds:
+                if results[i] is None:  # isolate: commit each add alone
+                    try:
+                        self._with_room(lambda op=op: self._apply(conn, [op], []))  # type: ignore[misc]
+                    except Exception as single:
+                        results[i] = single
+        for i, op in adds:
+            if results[i] is not None:
                 self.files.unlink_many([op.entry.uid])  # never committed: no row names it
-        if any(isinstance(op, _Remove) for op in batch):
+        if gone:
             self.budget.ensure_ballast()
         return results
 
-    def _raise_if_full(self, results: list[BaseException | None]) -> list[BaseException | None]:
-        """Turn a 'disk full' among the results into an exception, for `_with_room` to retry
-        once with the ballast released (files written meanwhile are simply rewritten)."""
-        for error in results:
-            if error is not None and is_disk_full(error):
-                raise error
-        return results
-
-    def _commit_rows(
-        self, conn: sqlite3.Connection, batch: list[_Add | _Remove]
-    ) -> list[BaseException | None]:
-        # Deletes that could not commit earlier (no space) go with the next transaction.
-        undeleted, self._undeleted = self._undeleted, []
+    def _unlink(self, uids: list[uuid.UUID]) -> list[uuid.UUID]:
+        """Remove the image files of drained items (and of those left over earlier); the uids
+        whose rows may now be deleted. On a volume that refuses (read-only), kept for later."""
+        uids = self._undeleted + uids
+        self._undeleted = []
         try:
-            self._with_room(lambda: self._apply(conn, batch, undeleted))
-            return [None] * len(batch)
-        except Exception:
-            log.exception("outbox: group commit of %d operations failed", len(batch))
-        results: list[BaseException | None] = []
-        for op in batch:
-            try:
-                self._with_room(lambda op=op: self._apply(conn, [op], []))  # type: ignore[misc]
-                results.append(None)
-            except Exception as exc:
-                if isinstance(op, _Remove):
-                    # The files are gone, so the item is known drained even if the row stays
-                    # (dropped at the next start); retried with the next transaction.
-                    self._undeleted.extend(op.uids)
-                    log.warning("outbox: could not delete %d drained items yet: %s",
-                                len(op.uids), exc)
-                    results.append(None)
-                else:
-                    log.exception("outbox: operation failed")
-                    results.append(exc)
-        self._undeleted.extend(undeleted)
-        return results
+            self.files.unlink_many(uids)
+        except OSError as exc:
+            if uids:
+                log.warning("outbox: cannot remove %d drained items yet: %s", len(uids), exc)
+            self._undeleted = uids
+            return []
+        return uids
 
     def _apply(
-        self,
-        conn: sqlite3.Connection,
-        batch: Sequence[_Add | _Remove],
-        undeleted: Sequence[uuid.UUID],
+        self, conn: sqlite3.Connection, adds: Sequence[_Add], deletes: Sequence[uuid.UUID]
     ) -> None:
-        # Adds are fsynced (the promise). A batch of removals only is not: losing one to a power
-        # cut means a row without its file, which the next start drops (see `_drop_drained`);
-        # not fsyncing keeps the next group of adds from queueing behind a removal's fsync.
-        self._set_synchronous(conn, full=any(isinstance(op, _Add) for op in batch))
+        # Adds are fsynced (the promise). A transaction of deletes only is not: losing one to a
+        # power cut leaves rows without their files, which the next start drops (see
+        # `_drop_drained`); not fsyncing keeps adds from queueing behind a removal's fsync.
+        if not adds and not deletes:
+            return
+        self._set_synchronous(conn, full=bool(adds))
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for op in batch:
-                if isinstance(op, _Add):
-                    record = op.entry.record
-                    conn.execute(
-                        "INSERT INTO items (uid, record, image, size, enqueued_at) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (
-                            str(record.uid),
-                            json.dumps(record.to_json()),
-                            b"",
-                            op.entry.size,
-                            op.entry.enqueued_at,
-                        ),
-                    )
-                else:
-                    conn.executemany(
-                        "DELETE FROM items WHERE uid = ?", [(str(uid),) for uid in op.uids]
-                    )
-            if undeleted:
-                conn.executemany("DELETE FROM items WHERE uid = ?", [(str(u),) for u in undeleted])
+            conn.executemany(
+                "INSERT INTO items (uid, record, image, size, enqueued_at) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (str(op.entry.uid), json.dumps(op.entry.record.to_json()), b"",
+                     op.entry.size, op.entry.enqueued_at)
+                    for op in adds
+                ],
+            )
+            conn.executemany("DELETE FROM items WHERE uid = ?", [(str(u),) for u in deletes])
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced before this returns
         except BaseException:
             with contextlib.suppress(sqlite3.Error):

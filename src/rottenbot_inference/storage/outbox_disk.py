@@ -167,6 +167,10 @@ class DiskBudget:
         free, total = self.usage()
         return free - pending - size >= self.reserve_bytes(total)
 
+    def exhausted(self) -> bool:
+        """Less than a megabyte free: a failed write was most likely for lack of space."""
+        return self.usage()[0] < 1024 * 1024
+
     @property
     def ballast_present(self) -> bool:
         return self.ballast_path.exists()
