@@ -210,6 +210,16 @@ def test_health_and_model_endpoints(client: TestClient) -> None:
     assert info["batching"]["max_batch_size"] == 4
 
 
+def test_model_endpoint_agrees_with_itself_and_shows_the_workers(make_client) -> None:
+    client = make_client(inference_workers=3, preprocess_threads=2)
+    info = client.get("/api/v1/inference/model", headers=auth()).json()
+    assert info["batching"]["inference_workers"] == 3
+    assert info["batching"]["preprocess_threads"] == 2
+    reload = info["reload"]
+    assert reload["last"]["outcome"] == "swapped" and reload["last"]["trigger"] == "start"
+    assert reload["counts"] == {"swapped": 1, "unchanged": 0, "failed": 0, "unreachable": 0}
+
+
 def test_not_ready_is_a_503(make_settings, photo: bytes, tmp_path) -> None:
     from rottenbot_inference.app import create_app
 

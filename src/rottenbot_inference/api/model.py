@@ -46,6 +46,7 @@ async def model_info(state: ReadyState, _: CurrentUser) -> ModelInfoOut:
             "max_batch_delay_ms": settings.max_batch_delay_ms,
             "queue_capacity": settings.queue_capacity,
             "request_timeout_s": settings.request_timeout_s,
+            "inference_workers": state.service.batcher.workers,
             "preprocess_threads": settings.effective_preprocess_threads,
         },
     )

@@ -302,7 +302,9 @@ class ModelManager:
         elif self.is_mlflow:
             self.registry_reachable, self.registry_error = True, None
         self._install(bundle, artifact, "start")
+        # The first install counts as a swap (trigger "start"), so `counts` agrees with `last`.
         self.last_result = self.last_swap = ReloadResult("swapped", "start", bundle.version)
+        self.counts["swapped"] += 1
         return bundle
 
     # -- watching ---------------------------------------------------------------------------
