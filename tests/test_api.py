@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from rottenbot_inference.api.errors import PREDICTION_FAILED
+from rottenbot_inference.api.limits import format_size
 from tests.helpers import auth, class_map, jpeg_bytes, png_bytes, random_photo, token
 
 PREDICT = "/api/v1/inference/predict"
@@ -148,6 +149,26 @@ def test_upload_limit_is_a_413(make_client) -> None:
     assert len(big) > 200_000
     response = client.post(PREDICT, files=upload(big), headers=auth())
     assert response.status_code == 413
+    assert "files of up to 195.3 KiB (200,000 bytes) are accepted" in response.json()["detail"]
+
+
+def test_upload_limit_is_stated_in_the_clients_terms(make_client) -> None:
+    client = make_client()  # MAX_UPLOAD_BYTES: 10 MiB
+    response = client.post(PREDICT, files=upload(b"\xff" * (11 << 20)), headers=auth())
+    assert response.status_code == 413
+    assert response.json()["detail"] == (
+        "The upload exceeds the size limit: files of up to 10 MiB are accepted "
+        "(the multipart form around the file may add 64 KiB)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(1, "1 byte"), (1023, "1,023 bytes"), (64 << 10, "64 KiB"), (10 << 20, "10 MiB"),
+     (3 << 29, "1.5 GiB"), (10_551_296, "10.1 MiB (10,551,296 bytes)")],
+)
+def test_sizes_are_written_in_binary_units(size: int, text: str) -> None:
+    assert format_size(size) == text
 
 
 def test_streamed_body_over_limit_is_refused(make_client) -> None:
@@ -170,6 +191,7 @@ def test_streamed_body_over_limit_is_refused(make_client) -> None:
         headers={**auth(), "Content-Type": f"multipart/form-data; boundary={boundary}"},
     )
     assert response.status_code == 413
+    assert "files of up to 97.7 KiB (100,000 bytes)" in response.json()["detail"]
 
 
 def test_full_queue_is_a_503_with_retry_after(make_client, photo: bytes, monkeypatch) -> None:

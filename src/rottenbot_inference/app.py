@@ -144,9 +144,7 @@ def create_app(
         lifespan=lifespan,
         **fastapi_options(),  # our middleware traces and measures requests, not FastAPI's own
     )
-    app.add_middleware(
-        BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD
-    )
+    app.add_middleware(BodySizeLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(
         BodyReadTimeoutMiddleware,
         idle_timeout_s=settings.body_read_timeout_s,

@@ -8,20 +8,46 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rottenbot_inference.api.errors import PayloadTooLarge, RequestTimeout
 
 # Room for the multipart boundary, part headers and small form fields around the file.
 MULTIPART_OVERHEAD = 64 * 1024
+_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB")
+
+
+def format_size(size: int) -> str:
+    """`10485760` -> "10 MiB"; a size that is not round keeps its exact byte count too."""
+    value, unit = float(size), 0
+    while value >= 1024 and unit < len(_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    if unit == 0:
+        return f"{size:,} byte{'' if size == 1 else 's'}"
+    text = f"{value:.1f}".removesuffix(".0") + " " + _UNITS[unit]
+    return text if value == round(value, 1) else f"{text} ({size:,} bytes)"
+
+
+def upload_too_large(max_upload_bytes: int) -> str:
+    """The 413 detail for a file over MAX_UPLOAD_BYTES, in the client's terms."""
+    return (
+        f"The upload exceeds the size limit: files of up to {format_size(max_upload_bytes)} "
+        "are accepted (the multipart form around the file may add "
+        f"{format_size(MULTIPART_OVERHEAD)})."
+    )
 
 
 class BodySizeLimitMiddleware:
-    """413 from the Content-Length header at once, or as soon as a streamed body exceeds it."""
+    """413 from the Content-Length header at once, or as soon as a streamed body exceeds it.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    The body may be the file's limit plus MULTIPART_OVERHEAD (boundaries, part headers).
+    """
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD
+        self.detail = upload_too_large(max_upload_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,7 +61,7 @@ class BodySizeLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > limit:
-                    await _send_413(send, limit)
+                    await _send_413(send, self.detail)
                     return
         received = 0
 
@@ -45,14 +71,14 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+                    raise PayloadTooLarge(self.detail)
             return message
 
         await self.app(scope, limited_receive, send)
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = b'{"detail":"The request body exceeds %d bytes."}' % limit
+async def _send_413(send: Send, detail: str) -> None:
+    body = orjson.dumps({"detail": detail})
     await send(
         {
             "type": "http.response.start",

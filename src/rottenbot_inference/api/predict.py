@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from rottenbot_inference.api.admission import request_deadline
 from rottenbot_inference.api.deps import CurrentUser, ReadyState
 from rottenbot_inference.api.errors import PREDICTION_FAILED, PayloadTooLarge, ServiceUnavailable
+from rottenbot_inference.api.limits import upload_too_large
 from rottenbot_inference.api.ratelimit import RateLimited
 from rottenbot_inference.api.schemas import ClassScoreOut, ErrorOut, PredictionOut
 from rottenbot_inference.inference.batcher import BatcherClosed, DeadlineExceeded, QueueFull
@@ -69,7 +70,7 @@ async def predict(
     check_declared_type(file.content_type)
     limit = state.settings.max_upload_bytes
     if file.size is not None and file.size > limit:
-        raise PayloadTooLarge(f"The file exceeds the {limit} byte upload limit.")
+        raise PayloadTooLarge(upload_too_large(limit))
     with traced("read_image_contents") as span:
         data = await file.read()
         if span.is_recording():
