@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from rottenbot_inference.settings import Settings
+from tests.helpers import in_ci
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -24,10 +24,6 @@ KUBERNETES = DEPLOY / "kubernetes"
 # Read by the OpenTelemetry SDK itself, not by Settings (docs/observability.md).
 SDK_PREFIX = "OTEL_"
 SETTING_NAMES = frozenset(name.upper() for name in Settings.model_fields)
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def require(path: Path | None, what: str) -> Path:

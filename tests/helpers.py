@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -13,9 +14,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from rottenbot_inference.auth.tokens import mint_token
@@ -102,6 +105,23 @@ def process_env(model: Path, cache: Path, data_dir: Path) -> dict[str, str]:
         "DATA_DIR": str(data_dir),
         "JWT_SECRET": TEST_SECRET,
     }
+
+
+def in_ci() -> bool:
+    """CI=true (or 1/yes): what the test extra provides must be there; nothing skips."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_import(module: str, reason: str) -> ModuleType:
+    """`pytest.importorskip` that fails under CI=true instead of skipping (like the guards
+    for redis-server, PostgreSQL and the deployment tools)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        message = f"{reason} ({type(exc).__name__}: {exc})"
+        if in_ci():
+            pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ or `RedisServer` directly for a server a test stops and restarts itself.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, stop_process
+from tests.helpers import free_port, in_ci, stop_process
 
 REDIS_BINARY = "redis-server"
 
@@ -30,7 +29,7 @@ def require_redis_server() -> str:
     binary = shutil.which(REDIS_BINARY)
     if binary is None:
         reason = "redis-server is not installed (apt-get install -y redis-server)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
         pytest.skip(reason)
     return binary

@@ -10,13 +10,14 @@ Deterministic (derandomized) and bounded, so CI time stays small.
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -38,9 +39,13 @@ CHECKS = [
 ]
 # 40 in CI; a longer run: API_FUZZ_EXAMPLES=500 pytest tests/test_api_fuzz.py
 EXAMPLES_PER_OPERATION = int(os.environ.get("API_FUZZ_EXAMPLES", "40"))
-PREDICT = "POST /api/v1/inference/predict"
-# Status codes seen per operation: the last test checks the fuzzer got past the front door.
-SEEN: defaultdict[str, Counter[int]] = defaultdict(Counter)
+FUZZ = settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,26 +79,32 @@ def test_served_schema_is_the_one_fuzzed(server: str) -> None:
 
 
 @schema.parametrize()
-@settings(
-    max_examples=EXAMPLES_PER_OPERATION,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-)
+@FUZZ
 def test_api_conforms_to_its_schema(server: str, case: schemathesis.Case) -> None:
     # A user token on every call (the admin route only ever sees a wrong credential).
-    response = case.call_and_validate(
-        base_url=server, headers=auth(), checks=CHECKS, timeout=60
-    )
-    SEEN[case.operation.label][response.status_code] += 1
+    case.call_and_validate(base_url=server, headers=auth(), checks=CHECKS, timeout=60)
 
 
-def test_fuzzing_reached_the_handlers() -> None:
-    """Generated uploads reached the image decoder (400), not only validation (422)."""
-    assert SEEN, "the fuzz test did not run"
-    for operation, statuses in sorted(SEEN.items()):
-        print(f"{operation}: {sum(statuses.values())} requests, {dict(sorted(statuses.items()))}")
-    assert SEEN[PREDICT][400] > 0, dict(SEEN[PREDICT])
-    assert SEEN[PREDICT][422] > 0, dict(SEEN[PREDICT])
-    assert SEEN["GET /api/v1/inference/predictions/{uid}"][404] > 0
+def _statuses(server: str, path: str, method: str, mode: GenerationMode) -> Counter[int]:
+    """Status codes of generated requests for one operation (its own derandomized run)."""
+    seen: Counter[int] = Counter()
+
+    @given(case=schema[path][method].as_strategy(generation_mode=mode))
+    @FUZZ
+    def run(case: schemathesis.Case) -> None:
+        seen[case.call(base_url=server, headers=auth(), timeout=60).status_code] += 1
+
+    run()
+    print(f"{method} {path} ({mode.value}): {dict(sorted(seen.items()))}")
+    return seen
+
+
+def test_fuzzing_reaches_the_handlers(server: str) -> None:
+    """Generated uploads reach the image decoder (400), not only validation (422), and
+    generated uids reach the lookup (404). Self-contained: it generates its own requests, so
+    it means the same whether it runs alone, first or last."""
+    predict = "/api/v1/inference/predict"
+    assert _statuses(server, predict, "POST", GenerationMode.POSITIVE)[400] > 0
+    assert _statuses(server, predict, "POST", GenerationMode.NEGATIVE)[422] > 0
+    lookup = "/api/v1/inference/predictions/{uid}"
+    assert _statuses(server, lookup, "GET", GenerationMode.POSITIVE)[404] > 0

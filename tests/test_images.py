@@ -33,7 +33,7 @@ from rottenbot_inference.inference.images import (
     check_declared_type,
     sniff_format,
 )
-from tests.helpers import jpeg_bytes, png_bytes, random_photo
+from tests.helpers import jpeg_bytes, png_bytes, random_photo, require_import
 
 SIZE = (224, 224)
 MAX_PIXELS = 40_000_000
@@ -838,8 +838,8 @@ _DCT_BOUNDS = {(640, 480): 0.35, (1024, 768): 0.35, (1600, 1200): 1.4, (4032, 30
 
 @pytest.fixture(scope="module")
 def tf() -> Any:
-    return pytest.importorskip(
-        "tensorflow", reason="TensorFlow (the training-path reference) is not importable"
+    return require_import(
+        "tensorflow", "TensorFlow (the training-path reference) is not importable"
     )
 
 

@@ -35,7 +35,15 @@ from rottenbot_inference.inference.mlflow_source import (
 from rottenbot_inference.inference.reloader import ModelManager
 from rottenbot_inference.inference.service import InferenceService
 from rottenbot_inference.settings import Settings
-from tests.helpers import TEST_SECRET, auth, class_map, free_port, jpeg_bytes, random_photo
+from tests.helpers import (
+    TEST_SECRET,
+    auth,
+    class_map,
+    free_port,
+    jpeg_bytes,
+    random_photo,
+    require_import,
+)
 from tests.servers_mlflow import (
     MlflowServer,
     ServiceProcess,
@@ -47,8 +55,6 @@ from tests.servers_mlflow import (
     rss_mb,
     set_alias,
 )
-
-pytest.importorskip("mlflow.server", reason="the full mlflow package (test extra) is needed")
 
 PREDICT = "/api/v1/inference/predict"
 MODEL = "/api/v1/inference/model"
@@ -82,7 +88,9 @@ class Registry:
 @pytest.fixture(scope="module", autouse=True)
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """Launched with the module's first test; the tests that need no registry (first in the
-    file) run while it starts."""
+    file) run while it starts. Every test of the module needs the full mlflow package (test
+    extra): skipped without it, failed under CI=true."""
+    require_import("mlflow.server", "the full mlflow package (test extra) is needed")
     server = MlflowServer(tmp_path_factory.mktemp("mlflow") / "server")
     server.launch()
     try:
