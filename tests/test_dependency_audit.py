@@ -2,7 +2,9 @@
 
 Runs scripts/audit_deps.py (pip-audit, with a fallback to PyPI's project endpoint where the
 registry lacks the per-release one); it needs PyPI, which CI reaches. Ignored advisories, if
-any, are listed with their reasons in scripts/audit_deps.py and docs/security.md.
+any, are listed with their reasons in scripts/audit_deps.py and docs/security.md, and so are
+the packages that may go unaudited there (any other unaudited package fails the audit); the
+tests after the first check those tables and that rule offline.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -27,13 +30,53 @@ def test_no_known_vulnerabilities(requirements: str) -> None:
     assert "packages audited, 0 known vulnerabilities" in result.stdout
 
 
-def test_ignored_advisories_are_documented() -> None:
+def _audit_deps() -> ModuleType:
+    """scripts/audit_deps.py as a module (no network: only its tables and pure functions)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from audit_deps import IGNORED
+        import audit_deps
     finally:
         sys.path.pop(0)
+    return audit_deps
+
+
+def test_ignored_advisories_are_documented() -> None:
     security = (ROOT / "docs" / "security.md").read_text()
-    for advisory, reason in IGNORED.items():
+    for advisory, reason in _audit_deps().IGNORED.items():
         assert reason.strip()
         assert advisory in security, f"{advisory} is ignored but not explained in security.md"
+
+
+def test_packages_that_may_go_unaudited_are_pinned_and_documented() -> None:
+    audit_deps = _audit_deps()
+    security = (ROOT / "docs" / "security.md").read_text()
+    assert set(audit_deps.MAY_GO_UNAUDITED) == {"runtime.txt", "test.txt"}
+    for lock, names in audit_deps.MAY_GO_UNAUDITED.items():
+        pinned = audit_deps.pins(ROOT / "requirements" / lock)
+        for name in names:
+            assert name in pinned, f"{name} may go unaudited in {lock} but is not pinned there"
+            assert f"`{name}`" in security, f"{name} may go unaudited but security.md omits it"
+
+
+def test_the_audit_fails_when_unaudited_packages_go_beyond_the_documented_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audit_deps = _audit_deps()
+    allowed = sorted(audit_deps.MAY_GO_UNAUDITED["test.txt"])[0]
+    listed = f"{allowed} 1.0 (newest 2.0)"
+    monkeypatch.setattr(audit_deps, "audit", lambda path: ([], [listed], 100))
+    assert audit_deps.main(["requirements/test.txt"]) == 0
+    assert "NOT AUDITED" not in capsys.readouterr().out
+
+    grown = [listed, "left-pad 1.0 (newest 2.0)"]
+    monkeypatch.setattr(audit_deps, "audit", lambda path: ([], grown, 100))
+    assert audit_deps.main(["requirements/test.txt"]) == 1
+    out = capsys.readouterr().out
+    assert "NOT AUDITED and not in MAY_GO_UNAUDITED: left-pad 1.0" in out
+    assert f"MAY_GO_UNAUDITED: {allowed}" not in out
+    # Per lock file: what test.txt may leave unaudited, runtime.txt may not (unless listed).
+    only_test = sorted(
+        audit_deps.MAY_GO_UNAUDITED["test.txt"] - audit_deps.MAY_GO_UNAUDITED["runtime.txt"]
+    )[0]
+    monkeypatch.setattr(audit_deps, "audit", lambda path: ([], [f"{only_test} 1 (newest 2)"], 9))
+    assert audit_deps.main(["requirements/runtime.txt"]) == 1
