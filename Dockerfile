@@ -32,6 +32,14 @@ COPY src ./src
 RUN pip install --no-deps . \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is not None)"
 
+# --- slim: the builder's venv less what the service never imports at run time -----------------
+# (installers, test suites, onnxruntime's tools and C-API library, botocore's non-S3 services;
+# bytecode only for what is imported: scripts/slim_venv.py, docs/containers.md). Its import check
+# runs the bundled ONNX model, so a cut too many fails the build.
+FROM builder AS slim
+COPY scripts/slim_venv.py /tmp/slim_venv.py
+RUN python /tmp/slim_venv.py /opt/venv
+
 # --- builder-keras: + TensorFlow, tf2onnx, onnx at the versions the test lock pins --------------
 FROM builder AS builder-keras
 COPY requirements/test.txt requirements/test.txt
@@ -78,11 +86,11 @@ ENV MODEL_RUNTIME=auto
 
 # --- with-model: the slim runtime + a model converted at build time (no TensorFlow inside) -----
 FROM base AS with-model
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=slim /opt/venv /opt/venv
 COPY --from=converter /model /opt/model
 ENV MODEL_PATH=/opt/model \
     USE_LOCAL=true
 
 # --- runtime (the default target): the slim image serving the bundled demo model ---------------
 FROM base AS runtime
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=slim /opt/venv /opt/venv

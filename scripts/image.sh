@@ -6,10 +6,12 @@
 #   scripts/image.sh --target with-model --model DIR   # a Keras/MLflow model baked in, converted at
 #                                                      # build -> rottenbot-inference:with-model
 #   scripts/image.sh --target keras                    # + TensorFlow -> rottenbot-inference:keras
+#   scripts/image.sh --standins                        # podman: the compose stand-ins for
+#                                                      # third-party images (deploy/standins)
 #   eval "$(scripts/image.sh --print-env)"             # podman / podman-compose with the same config
 #
 # Options: --target T, --tag NAME, --model DIR, --base auto|registry|debian, --engine docker|podman,
-# --rebuild-base. Environment: ROTTENBOT_ENGINE, ROTTENBOT_BASE, ROTTENBOT_PODMAN_DIR (config and
+# --rebuild-base, --standins. Environment: ROTTENBOT_ENGINE, ROTTENBOT_BASE, ROTTENBOT_PODMAN_DIR (config and
 # image storage; default /var/tmp/rottenbot-podman as root, $XDG_DATA_HOME/rottenbot-podman else).
 #
 # podman: its configuration lives in its own folder (CONTAINERS_CONF, CONTAINERS_STORAGE_CONF), the
@@ -23,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=runtime tag="" model="" base="${ROTTENBOT_BASE:-auto}" engine="${ROTTENBOT_ENGINE:-}"
-print_env=false rebuild_base=false
+print_env=false rebuild_base=false standins=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) target="$2"; shift 2 ;;
@@ -33,7 +35,8 @@ while [ $# -gt 0 ]; do
     --engine) engine="$2"; shift 2 ;;
     --rebuild-base) rebuild_base=true; shift ;;
     --print-env) print_env=true; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --standins) standins=true; shift ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "image.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,7 +54,8 @@ if [ "$target" = with-model ] && [ ! -d "$model" ]; then
 fi
 
 REGISTRY_PYTHON=docker.io/library/python:3.11-slim-bookworm
-DEBIAN_PYTHON=localhost/rottenbot-python:3.11-bookworm
+# The recipe number in the tag: a changed recipe builds a new base instead of reusing the old.
+DEBIAN_PYTHON=localhost/rottenbot-python:3.11-bookworm-r2
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 log() { echo "image.sh: $*" >&2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -118,7 +122,9 @@ debian_mirror() {
   echo "${uri:-http://deb.debian.org/debian}"
 }
 
-# Python 3.11 on Debian bookworm, minbase, no docs/man pages/locales: the registry-free base.
+# Python 3.11 on Debian bookworm, minbase, merged /usr set up by mmdebstrap's hook (else the
+# usrmerge package pulls in all of Perl, ~50 MB), no docs, man pages, locales or iconv modules
+# (Python has its own codecs): the registry-free base.
 build_debian_base() {
   if ! $rebuild_base && podman image exists "$DEBIAN_PYTHON"; then
     log "base $DEBIAN_PYTHON exists: reused"
@@ -129,12 +135,14 @@ build_debian_base() {
   start=$SECONDS
   log "building base $DEBIAN_PYTHON from Debian packages ($mirror)"
   mmdebstrap --quiet --variant=minbase \
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --include=python3,python3-venv,python-is-python3,ca-certificates \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-exclude=/usr/share/info/*' \
+    --dpkgopt='path-exclude=/usr/lib/*/gconv/*' \
     bookworm - "$mirror" \
     | podman import \
       --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -179,6 +187,25 @@ if $print_env; then
 fi
 
 start=$SECONDS
+ca_mount=()
+[ -r "$CA_BUNDLE" ] && ca_mount=(-v "$CA_BUNDLE:$CA_BUNDLE:ro")
+
+# Stand-ins for docker-compose.yaml's third-party images, on the Debian base (podman only).
+if $standins; then
+  podman_config
+  install_podman
+  build_debian_base
+  for part in postgres redis prometheus python; do
+    log "podman build stand-in $part -> localhost/rottenbot-standin-$part:1"
+    podman build --format docker --network host --layers "${ca_mount[@]}" \
+      --build-arg "BASE=$DEBIAN_PYTHON" --build-context locks=requirements \
+      --target "$part" -t "localhost/rottenbot-standin-$part:1" \
+      -f deploy/standins/Containerfile deploy/standins
+  done
+  log "stand-ins built in $((SECONDS - start)) s"
+  exit 0
+fi
+
 args=(--target "$target" -t "$tag" -f Dockerfile)
 [ "$target" = with-model ] && args+=(--build-context "model=$model")
 
@@ -190,10 +217,8 @@ else
   podman_config
   install_podman
   python_image="$(choose_base)"
-  mounts=()
-  [ -r "$CA_BUNDLE" ] && mounts+=(-v "$CA_BUNDLE:$CA_BUNDLE:ro")
   log "podman build $target -> $tag on $python_image"
-  podman build --format docker --network host --layers "${mounts[@]}" \
+  podman build --format docker --network host --layers "${ca_mount[@]}" \
     --build-arg "PYTHON_IMAGE=$python_image" "${args[@]}" .
   size="$(podman image inspect -f '{{.Size}}' "$tag")"
 fi

@@ -94,9 +94,11 @@ def test_dockerfile_stages_keep_tensorflow_and_root_out_of_the_runtime() -> None
     assert "/health/ready" in " ".join(healthcheck_command(base))
     assert all("curl" not in rest and "wget" not in rest for _, rest in base.instructions)
     assert stage_env(base)["MODEL_RUNTIME"] == "onnxruntime"
-    # The slim images copy the builder's venv, which installs the runtime lock only.
+    # The slim images copy the builder's venv (the runtime lock only), cut by the `slim` stage.
+    assert by_name["slim"].base == "builder"
+    assert "slim_venv.py" in " ".join(by_name["slim"].args("RUN"))
     for name in ("runtime", "with-model"):
-        assert "--from=builder /opt/venv /opt/venv" in by_name[name].args("COPY")
+        assert "--from=slim /opt/venv /opt/venv" in by_name[name].args("COPY")
     builder = " ".join(by_name["builder"].args("RUN") + by_name["builder"].args("COPY"))
     assert "requirements/runtime.txt" in builder and "test.txt" not in builder
     runtime_lock = (REPO / "requirements" / "runtime.txt").read_text()

@@ -1,0 +1,152 @@
+"""Cut from the runtime image's virtual environment what the service never imports at run time.
+
+Run by the Dockerfile's `slim` stage (`python slim_venv.py /opt/venv`); prints the size of each
+package before and after. It removes installers (pip, setuptools), test suites, onnxruntime's
+model tools and its C-API library (Python loads only the pybind module), numpy's f2py, and every
+botocore service description but S3's. Then it compiles bytecode only for what the service
+imports - its own package, everything its modules import, and the backends it imports lazily
+(storage, MLflow, OTLP) - and checks on the way that nothing it needs was cut: the image's root
+filesystem is read-only, so a module without a .pyc would be compiled in memory at every start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+# Relative to site-packages; globs.
+CUT = (
+    "pip", "pip-*.dist-info", "setuptools", "setuptools-*.dist-info", "pkg_resources",
+    "_distutils_hack", "distutils-precedence.pth",
+    "**/tests",
+    "numpy/f2py", "numpy/distutils", "numpy/_pyinstaller",
+    "onnxruntime/transformers", "onnxruntime/quantization", "onnxruntime/tools",
+    "onnxruntime/datasets", "onnxruntime/capi/libonnxruntime.so*",
+)
+# botocore/data/<service>/: only these services are kept (the files at data/'s top stay).
+BOTOCORE_SERVICES = frozenset({"s3"})
+# Imported lazily by the service (after start, or only when configured): compiled too.
+LAZY = (
+    "mlflow", "mlflow.client", "mlflow.artifacts", "mlflow.tracking",
+    "boto3", "botocore.client",
+    "sqlalchemy.dialects.postgresql.asyncpg", "sqlalchemy.dialects.sqlite.aiosqlite",
+    "asyncpg", "aiosqlite", "alembic.command", "alembic.runtime.migration", "alembic.op",
+    "redis.asyncio",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc._log_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "uvicorn.loops.uvloop", "uvicorn.protocols.http.httptools_impl",
+    "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.on",
+)
+# Only the model converter (builder-keras) has these.
+CONVERTER_ONLY = ("tensorflow", "keras", "tf2onnx", "onnx")
+
+WARM = r"""
+import importlib, pkgutil, sys
+import rottenbot_inference
+for info in pkgutil.walk_packages(rottenbot_inference.__path__, "rottenbot_inference."):
+    if info.name.endswith(("__main__", "migrations.env")):  # run on import: compileall's
+        continue
+    try:
+        importlib.import_module(info.name)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in CONVERTER_ONLY:
+            raise
+for name in LAZY:
+    importlib.import_module(name)
+import boto3
+boto3.client("s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
+             aws_access_key_id="x", aws_secret_access_key="y")
+from pathlib import Path
+import numpy as np, onnxruntime
+models = sorted(Path(rottenbot_inference.__file__).parent.glob("models/**/*.onnx"))
+for path in models:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    spec = session.get_inputs()[0]
+    shape = [dim if isinstance(dim, int) else 1 for dim in spec.shape]
+    session.run(None, {spec.name: np.zeros(shape, np.float32)})
+print(f"warm imports: {len(sys.modules)} modules, {len(models)} ONNX model(s) run")
+"""
+
+
+def site_packages(venv: Path) -> Path:
+    (site,) = venv.glob("lib/python3*/site-packages")
+    return site
+
+
+def sizes(site: Path) -> Counter[str]:
+    """Bytes per top-level entry of site-packages (a package with its .libs folder)."""
+    total: Counter[str] = Counter()
+    for folder, _, files in os.walk(site):
+        top = Path(folder).relative_to(site).parts
+        for name in files:
+            key = top[0] if top else name
+            key = key.removesuffix(".libs")
+            total[key] += (Path(folder) / name).lstat().st_size
+    return total
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def cut(site: Path) -> None:
+    for cache in list(site.rglob("__pycache__")):
+        shutil.rmtree(cache)
+    for pattern in CUT:
+        for path in sorted(site.glob(pattern), reverse=True):
+            if path.exists():
+                remove(path)
+    data = site / "botocore" / "data"
+    for service in data.iterdir():
+        if service.is_dir() and service.name not in BOTOCORE_SERVICES:
+            shutil.rmtree(service)
+
+
+def warm(venv: Path, site: Path) -> None:
+    """Import what the service imports with the venv's Python, writing .pyc files."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    prelude = f"CONVERTER_ONLY = {CONVERTER_ONLY!r}\nLAZY = {LAZY!r}\n"
+    subprocess.run([str(venv / "bin" / "python"), "-c", prelude + WARM], check=True, env=env)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "compileall", "-q",
+         str(site / "rottenbot_inference")],
+        check=True, env=env,
+    )
+
+
+def report(before: Counter[str], after: Counter[str], top: int = 25) -> None:
+    mb = 1_000_000
+    print(f"{'package':36} {'before MB':>10} {'after MB':>9}")
+    for name, size in before.most_common(top):
+        print(f"{name:36} {size / mb:10.1f} {after.get(name, 0) / mb:9.1f}")
+    print(f"{'total':36} {sum(before.values()) / mb:10.1f} {sum(after.values()) / mb:9.1f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("venv", type=Path)
+    args = parser.parse_args()
+    site = site_packages(args.venv)
+    before = sizes(site)
+    cut(site)
+    for script in args.venv.glob("bin/pip*"):
+        script.unlink()
+    warm(args.venv, site)
+    report(before, sizes(site))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
