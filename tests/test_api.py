@@ -136,6 +136,34 @@ def test_bad_tokens_are_401(client: TestClient, photo: bytes, headers: dict) -> 
     assert "detail" in response.json()
 
 
+def test_unknown_query_parameters_are_a_422_that_names_them(
+    client: TestClient, photo: bytes
+) -> None:
+    response = client.post(f"{PREDICT}?topk=3&top_k=2&debug=1", files=upload(photo), headers=auth())
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert [error["loc"] for error in errors] == [["query", "topk"], ["query", "debug"]]
+    assert errors[0]["msg"] == (
+        "Unknown query parameter 'topk' (accepted: save_prediction, top_k, user_uid)"
+    )
+    # Authentication comes first: no token, no hints about the API.
+    assert client.post(f"{PREDICT}?topk=3", files=upload(photo)).status_code == 401
+    known = client.post(
+        f"{PREDICT}?save_prediction=False&top_k=2", files=upload(photo), headers=auth()
+    )
+    assert known.status_code == 200 and len(known.json()["top_k"]) == 2
+
+
+def test_top_k_above_the_class_count_is_a_422(client: TestClient, photo: bytes) -> None:
+    every = client.post(f"{PREDICT}?top_k=28", files=upload(photo), headers=auth())
+    assert every.status_code == 200 and len(every.json()["top_k"]) == 28
+    response = client.post(f"{PREDICT}?top_k=29", files=upload(photo), headers=auth())
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["query", "top_k"]
+    assert error["msg"] == "Input should be less than or equal to 28, the model's number of classes"
+
+
 def test_pixel_limit_is_a_413(make_client, photo: bytes) -> None:
     client = make_client(max_image_pixels=100 * 100)
     response = client.post(PREDICT, files=upload(photo), headers=auth())

@@ -6,12 +6,14 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 
 from rottenbot_inference.api.admission import request_deadline
 from rottenbot_inference.api.deps import CurrentUser, ReadyState
 from rottenbot_inference.api.errors import PREDICTION_FAILED, PayloadTooLarge, ServiceUnavailable
 from rottenbot_inference.api.limits import upload_too_large
+from rottenbot_inference.api.query import reject_unknown_query_params
 from rottenbot_inference.api.ratelimit import RateLimited
 from rottenbot_inference.api.schemas import ClassScoreOut, ErrorOut, PredictionOut
 from rottenbot_inference.inference.batcher import BatcherClosed, DeadlineExceeded, QueueFull
@@ -54,6 +56,7 @@ async def predict(
     request: Request,
     state: ReadyState,
     user: CurrentUser,
+    _: Annotated[None, Depends(reject_unknown_query_params)],
     file: Annotated[UploadFile, File(description="JPEG or PNG image")],
     save_prediction: Annotated[
         bool, Query(description="Store the prediction and image for retraining")
@@ -62,11 +65,18 @@ async def predict(
         uuid.UUID | None, Query(description="Deprecated: must equal the token's user if sent")
     ] = None,
     top_k: Annotated[
-        int | None, Query(ge=1, le=1000, description="Also return the k most probable classes")
+        int | None,
+        Query(
+            ge=1,
+            le=1000,
+            description="Also return the k most probable classes (at most the model's number "
+            "of classes, 28 for RottenBot's model: more is a 422)",
+        ),
     ] = None,
 ) -> PredictionOut:
     if user_uid is not None and user_uid != user.user_uid:
         raise HTTPException(status_code=403, detail="user_uid does not match the access token")
+    _check_top_k(top_k, state)
     check_declared_type(file.content_type)
     limit = state.settings.max_upload_bytes
     if file.size is not None and file.size > limit:
@@ -127,3 +137,22 @@ async def predict(
         ],
         prediction_uid=prediction_uid,
     )
+
+
+def _check_top_k(top_k: int | None, state: ReadyState) -> None:
+    """422 for a top_k above the serving model's class count (it would be cut silently)."""
+    bundle = state.service.bundle
+    classes = len(bundle.class_names) if bundle is not None else None
+    if top_k is not None and classes is not None and top_k > classes:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "less_than_equal",
+                    "loc": ("query", "top_k"),
+                    "msg": f"Input should be less than or equal to {classes}, "
+                    "the model's number of classes",
+                    "input": str(top_k),
+                    "ctx": {"le": classes},
+                }
+            ]
+        )
