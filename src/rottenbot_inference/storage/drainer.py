@@ -307,22 +307,24 @@ class Drainer:
                 if failure.permanent
                 else backoff_s(entry.attempts, self.retry_base_s, self.retry_max_s)
             )
-        if failure.permanent:
-            # Only these items: the others go on (and tell whether the store works at all).
-            log.warning(
-                "drainer: %d saves parked (%s), retried every %.0f s; they stay in the outbox",
-                len(entries), failure, self.park_retry_s,
+        if not failure.permanent:
+            self._consecutive_failures += 1
+            self._resume_at = now + backoff_s(
+                self._consecutive_failures, self.retry_base_s, self.retry_max_s
             )
+        # Parked items hold up nobody: the next ones are tried at once, and tell whether the
+        # store works at all.
+        if failure.reason == self._failing:
+            log.debug("drainer: %d saves not stored yet (%s)", len(entries), failure)
             return
-        self._consecutive_failures += 1
-        self._resume_at = now + backoff_s(
-            self._consecutive_failures, self.retry_base_s, self.retry_max_s
-        )
-        if failure.reason != self._failing:
+        self._failing = failure.reason
+        if failure.permanent:
+            log.warning(
+                "drainer: saves parked (%s): they stay in the outbox, retried every %.0f s; "
+                "%d pending", failure, self.park_retry_s, self.outbox.backlog,
+            )
+        else:
             log.warning(
                 "drainer: saves not stored yet (%s); retrying with backoff, %d pending",
                 failure, self.outbox.backlog,
             )
-            self._failing = failure.reason
-        else:
-            log.debug("drainer: %d saves not stored yet (%s)", len(entries), failure)

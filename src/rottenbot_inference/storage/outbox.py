@@ -110,7 +110,7 @@ def _volume_error(exc: BaseException | None) -> OutboxError:
         return OutboxVolumeError(
             "The save spool's volume is read-only; retry on another replica.", "read_only"
         )
-    return OutboxError("the outbox could not store the save")
+    return OutboxError("The save spool could not store the save; retry shortly.")
 
 
 def _raise_if_full(results: list[BaseException | None]) -> list[BaseException | None]:
@@ -217,12 +217,20 @@ class Outbox:
         self._broken = False
         self._synchronous_full: bool | None = None  # the writer connection's current mode
         self._listeners: list[Any] = []
+        self.unavailable: OutboxError | None = None  # why the last `open` failed
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Open the slot and load the pending items. If the volume refuses (read-only, full,
+        missing), saves are refused with that reason until a later `open` succeeds."""
         self._loop = asyncio.get_running_loop()
-        rows = await asyncio.to_thread(self._with_room, self._open_sync)
+        try:
+            rows = await asyncio.to_thread(self._with_room, self._open_sync)
+        except (OSError, sqlite3.Error) as exc:
+            self.unavailable = _volume_error(exc)
+            raise
+        self.unavailable = None
         for record_json, size, enqueued_at in rows:
             record = PredictionRecord.from_json(json.loads(record_json))
             self._index[record.uid] = Entry(record, size, enqueued_at)
@@ -409,6 +417,8 @@ class Outbox:
 
     async def add(self, record: PredictionRecord, image: bytes) -> None:
         """Durably spool one save; returns once it is committed and fsynced."""
+        if self.unavailable is not None:
+            raise self._refuse(self.unavailable)
         if self._closed:
             raise self._refuse(OutboxClosed("The service is shutting down; retry on another "
                                             "replica."))

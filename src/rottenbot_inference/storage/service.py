@@ -141,6 +141,7 @@ class PredictionStore:
         self._hurried = False
         self._hurry_event = asyncio.Event()
         self._refusing: str | None = None  # why saves are being refused, if they are
+        self._opening: asyncio.Task[None] | None = None  # retrying an outbox that failed to open
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -148,8 +149,26 @@ class PredictionStore:
         """Open the outbox (saves are accepted from now on); connect the database and image
         store once `after` (the model load) is done, or CONNECT_AT_LATEST_S at the latest, then
         drain. Never waits for the database or image store, which may be down at start."""
-        await self.outbox.open()
+        try:
+            await self.outbox.open()
+        except Exception as exc:  # a read-only or full volume: serve on, saves get 503
+            log.error("outbox: cannot open %s (%s); saves are refused until it can be opened, "
+                      "retrying", self.outbox.folder, exc)
+            self._opening = asyncio.create_task(self._open_until_done(), name="outbox-open")
         self._connecting = asyncio.create_task(self._connect(after), name="storage-connect")
+
+    async def _open_until_done(self) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            await asyncio.sleep(backoff_s(attempt, 1.0, self.settings.outbox_retry_max_s))
+            try:
+                await self.outbox.open()
+            except Exception as exc:
+                log.debug("outbox: still cannot open: %s", exc)
+                continue
+            log.info("outbox: opened %s; accepting saves", self.outbox.path)
+            return
 
     async def _connect(self, after: asyncio.Future[Any] | None) -> None:
         if after is not None:
@@ -198,6 +217,10 @@ class PredictionStore:
         Stopped before the backends were connected (a signal soon after start), it still
         connects within the grace period when saves are pending, so that they are drained.
         """
+        if self._opening is not None:
+            self._opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._opening
         loop = asyncio.get_running_loop()
         grace_s = 0.0 if self._hurried else self.settings.outbox_shutdown_grace_s
         deadline = loop.time() + grace_s
