@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -84,9 +85,21 @@ class RedisServer:
         """Stop the server and wait until the port refuses connections."""
         if self.process is None:
             return
+        self.resume()  # a paused server would not act on SIGTERM
         stop_process(self.process, timeout_s)
         self.process = None
         self._wait(lambda: not self.ping(), timeout_s, "redis-server still answers")
+
+    def pause(self) -> None:
+        """SIGSTOP: a hung Redis. The kernel still accepts connections on the port (its listen
+        backlog) and takes in requests, but nothing answers until `resume`."""
+        assert self.process is not None and self.process.poll() is None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the paused server answers again, what was sent meanwhile included."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
 
     def client(self):  # -> redis.Redis
         import redis

@@ -13,9 +13,11 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import jwt
@@ -306,6 +308,48 @@ def test_redis_outage_fails_closed_and_recovers(
     wait_for(lambda: redis_client.get(MODEL, headers=bearer(access)).status_code == 200)
     redis_server.revoke(jti)
     assert_401(redis_client.get(MODEL, headers=bearer(access)))
+
+
+def test_hung_redis_is_a_503_within_its_deadline_and_recovers(
+    make_client, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis accepts connections and never answers (SIGSTOP): the revocation check gives up at
+    its deadline (3 x REDIS_TIMEOUT_S: connect, one retry, reply) and the request is a 503 with
+    Retry-After, never a hang; after SIGCONT revocation is enforced again."""
+    timeout_s = 0.5
+    client = make_client(**redis_server.settings, redis_timeout_s=timeout_s, retry_after_s=2)
+    # A generous bound, not a timing assertion: only a request that hangs would exceed it.
+    bound_s = 20 * 3 * timeout_s
+    access, jti = auth_service_token()
+    assert client.get(MODEL, headers=bearer(access)).status_code == 200  # a pooled connection
+
+    def get(credential: str):
+        return client.get(MODEL, headers=bearer(credential))
+
+    redis_server.pause()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+
+            def refused() -> None:
+                response = pool.submit(get, access).result(timeout=bound_s)
+                assert response.status_code == 503, response.text
+                assert response.headers["retry-after"] == "2"
+                assert response.json() == {"detail": UNAVAILABLE_REVOCATION}
+
+            refused()  # asks the hung Redis and gives up
+            refused()  # fails fast for REDIS_TIMEOUT_S after a failure
+            time.sleep(timeout_s)  # past that window: the next one asks Redis again
+            refused()
+            # Signatures are still checked first: no Redis call, no wait.
+            assert_401(pool.submit(get, token(ttl_s=-600)).result(timeout=bound_s))
+    finally:
+        redis_server.resume()
+    failed = [r.getMessage() for r in caplog.records if "revocation check failed" in r.getMessage()]
+    assert failed and re.search(r"time(d )?out", failed[0], re.IGNORECASE), failed
+
+    wait_for(lambda: get(access).status_code == 200)
+    redis_server.revoke(jti)
+    assert_401(get(access))  # enforced again: the check did not fail open
 
 
 def test_wrong_redis_password_fails_closed(make_client, redis_server: RedisServer) -> None:

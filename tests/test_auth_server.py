@@ -66,6 +66,20 @@ def test_served_api_with_redis_revocation_and_outage(
         redis_server.start()  # same port; the server's pooled client reconnects
         wait_for(lambda: predict(client, other).status_code == 200)
 
+        # Hung, not stopped (SIGSTOP): connections are accepted, nothing answers. The client's
+        # 30 s timeout is the generous bound (60x REDIS_TIMEOUT_S, 0.5 s by default).
+        redis_server.pause()
+        try:
+            response = predict(client, other)
+        finally:
+            redis_server.resume()
+        assert response.status_code == 503, response.text
+        assert int(response.headers["retry-after"]) >= 1
+        assert "revocation" in response.json()["detail"]
+        wait_for(lambda: predict(client, other).status_code == 200)
+        redis_server.revoke(jti)  # still enforced after the hang
+        assert_401(predict(client, access), access)
+
     logged = log_path.read_text(errors="replace")
     assert "revocation check failed" in logged
     for credential in [access, other, *refused]:
