@@ -121,12 +121,25 @@ def schema(postgres: PostgresServer, database: str) -> dict[str, str]:
     }
 
 
-def original_values(postgres: PostgresServer, database: str) -> list[list[str]]:
+def stored_values(postgres: PostgresServer, database: str) -> list[list[str]]:
+    """uid, image_path, class name and created_at (as UTC) of every row, by uid."""
     created = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
     return prediction_rows(
-        postgres, database, ", ".join(c for c in ORIGINAL_COLUMNS if c != "created_at")
-        + f", {created}", order_by="uid",
+        postgres, database, f"uid, image_path, predicted_class_name, {created}", order_by="uid"
     )
+
+
+def expected_values(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return sorted(
+        [str(row["uid"]), row["image_path"], row["predicted_class_name"],
+         f"{row['created_at']:%Y-%m-%d %H:%M:%S.%f}"]
+        for row in rows
+    )
+
+
+def set_time_zone(postgres: PostgresServer, database: str, zone: str) -> None:
+    """The database's default TimeZone for new sessions."""
+    postgres.psql(f"ALTER DATABASE \"{database}\" SET timezone TO '{zone}'")
 
 
 def served_as(image: bytes) -> str:
@@ -138,7 +151,8 @@ def test_upgrade_in_place_from_the_original_service(
     moto_s3: MotoS3Server, bucket: str,
 ) -> None:
     # --- the original deployment: its table, rows, bucket and objects --------------------------
-    postgres.psql(f'ALTER DATABASE "{database}" SET timezone TO \'UTC\'')  # postgres image default
+    # A server time zone other than UTC for the migration: old values must still be read as UTC.
+    set_time_zone(postgres, database, "Asia/Kolkata")
     moto_s3.client().create_bucket(Bucket=bucket)
     alice, bob = uuid.uuid4(), uuid.uuid4()
     old_rows = [
@@ -155,7 +169,6 @@ def test_upgrade_in_place_from_the_original_service(
     original_save(postgres, database, moto_s3, bucket, old_rows, old_images, create=True)
     head = moto_s3.client().head_object(Bucket=bucket, Key=old_rows[0]["image_path"])
     assert head["ContentType"] == "binary/octet-stream"  # what S3 says when none was given
-    before = original_values(postgres, database)
 
     # --- our migrations, twice: the second run changes nothing --------------------------------
     url = make_url(postgres.url(database))
@@ -165,7 +178,7 @@ def test_upgrade_in_place_from_the_original_service(
     assert schema(postgres, database) == migrated
     head_revision = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
     assert postgres.psql(f"SELECT version_num FROM {VERSION_TABLE}", database) == head_revision
-    assert original_values(postgres, database) == before  # old rows kept, values and times too
+    assert stored_values(postgres, database) == expected_values(old_rows)  # times read as UTC
 
     # Additive only: the original columns are all there, and every column we added can be left
     # out of an insert (nullable or defaulted), so the original service keeps working.
@@ -177,6 +190,9 @@ def test_upgrade_in_place_from_the_original_service(
             assert nullable == "YES" or default, f"{key} is NOT NULL without a default"
 
     # --- this service on the same database and bucket ----------------------------------------
+    # The original replicas write naive times, which PostgreSQL now reads in the session's time
+    # zone: UTC, as the postgres image runs (docs/upgrading.md).
+    set_time_zone(postgres, database, "UTC")
     client = make_client(**storage_overrides(postgres, database, moto_s3, bucket))
     assert schema(postgres, database) == migrated  # its migration on start did nothing either
 

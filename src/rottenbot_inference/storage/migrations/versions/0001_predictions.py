@@ -7,7 +7,9 @@ Create Date: 2025-01-01
 The previous RottenBot service created `predictions` (uid, image_path, predicted_class,
 predicted_class_name, confidence, user_uid, created_at) without Alembic. If that table is there,
 its rows are kept: the missing columns are added (all nullable), a `created_at` without time zone
-becomes `timestamptz` (its values were UTC), and the history indexes are created.
+becomes `timestamptz` (its values were UTC), and the history indexes are created. Nothing is
+dropped or made stricter, so the previous service keeps writing to the table during a rolling
+upgrade (tests/test_upgrade.py).
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ def upgrade() -> None:
             and created is not None
             and not getattr(created["type"], "timezone", False)
         ):
-            op.execute(
-                "ALTER TABLE predictions ALTER COLUMN created_at TYPE timestamptz "
-                "USING created_at AT TIME ZONE 'UTC'"
-            )
+            # Read as UTC through the session time zone rather than `USING created_at AT TIME
+            # ZONE 'UTC'`: same values, but PostgreSQL 12+ then changes only the catalog instead
+            # of rewriting the table under an exclusive lock (5-8 s for a million rows, which
+            # stalled every replica's reads and writes; docs/upgrading.md).
+            op.execute("SET LOCAL TIME ZONE 'UTC'")
+            op.execute("ALTER TABLE predictions ALTER COLUMN created_at TYPE timestamptz")
     existing = {index["name"] for index in sa.inspect(bind).get_indexes(TABLE)}
     for name, columns in INDEXES.items():
         if name not in existing:
