@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from rottenbot_inference.api.admission import AdmissionController
+from rottenbot_inference.api.admission import AdmissionController, AdmissionMiddleware
 from rottenbot_inference.app import create_app
 from rottenbot_inference.inference.bundle import ModelBundle
 from rottenbot_inference.inference.pace import Pace
@@ -183,6 +183,15 @@ def post(server: Server, image: bytes) -> httpx.Response:
     )
 
 
+def admission_of(server: Server) -> AdmissionController:
+    """The app's admission controller (its middleware stack is built at the first request)."""
+    layer: Any = server.app.middleware_stack
+    while layer is not None and not isinstance(layer, AdmissionMiddleware):
+        layer = getattr(layer, "app", None)
+    assert layer is not None, "no AdmissionMiddleware in the app"
+    return layer.controller
+
+
 def rejections(server: Server, reason: str) -> float:
     return metric_value(server.metrics(), "inference_rejected_requests_total", reason=reason) or 0
 
@@ -297,11 +306,16 @@ def test_deadline_counts_from_arrival_not_from_the_model_queue(
     serve: Callable[..., Server],
 ) -> None:
     """A body that took longer than REQUEST_TIMEOUT_S to arrive is not decoded or computed."""
-    server = serve(request_timeout_s=1.0)
+    timeout_s = 1.0
+    server = serve(request_timeout_s=timeout_s)
+    admission = admission_of(server)
     slow = RawRequest(server, solid(40))
     try:
         slow.send_body(slice(0, 100))
-        time.sleep(1.5)  # past the deadline before the upload is complete
+        # Arrival is recorded before the request counts as admitted: once it does, waiting
+        # longer than the timeout is past the deadline however late the server saw the headers.
+        poll(lambda: admission.inflight == 1, 60, "the request was not admitted")
+        time.sleep(1.5 * timeout_s)
         slow.send_body(slice(100, None))
         status, headers, body = slow.response()
     finally:

@@ -68,25 +68,33 @@ def limiter_for(redis: RedisServer, per_minute: float, burst: int) -> RedisRateL
 
 
 def test_redis_bucket_takes_refuses_and_refills(redis_server: RedisServer) -> None:
+    # A token a minute: the test's own run time (seconds, even on a loaded machine) refills
+    # next to nothing, so every count below holds with a margin of a whole token period.
+    per_minute, burst = 1, 3
+    period_s = 60 / per_minute
+
     async def scenario() -> None:
-        limiter = limiter_for(redis_server, per_minute=6, burst=3)  # a token every 10 s
+        limiter = limiter_for(redis_server, per_minute=per_minute, burst=burst)
         try:
-            taken = [await limiter.acquire("alice") for _ in range(3)]
+            taken = [await limiter.acquire("alice") for _ in range(burst)]
             assert [d.allowed for d in taken] == [True, True, True]
             assert [d.remaining for d in taken] == [2, 1, 0]
             refused = await limiter.acquire("alice")
             assert not refused.allowed and refused.remaining == 0
-            assert 1 <= refused.retry_after_s <= 10
+            assert 1 <= refused.retry_after_s <= period_s
+            assert refused.retry_after_s > period_s / 2  # a token is most of a period away
             assert refused.headers()["Retry-After"] == str(refused.retry_after_s)
-            assert 20 <= refused.reset_s <= 30  # three tokens to refill at 10 s each
+            # Three tokens to refill at a period each (less what the test's run time refilled).
+            assert (burst - 1) * period_s < refused.reset_s <= burst * period_s
             assert (await limiter.acquire("bob")).allowed  # buckets are per user
 
-            # Refill without waiting: move the bucket's last update 25 s into the past.
+            # Refill without waiting: move the bucket's last update 2.5 periods into the past.
             with redis_server.client() as client:
                 key = KEY_PREFIX + "alice"
                 ts = int(client.hget(key, "ts"))
-                client.hset(key, "ts", str(ts - 25_000))
-                assert 0 < client.pttl(key) <= 31_000  # it expires once it would be full
+                client.hset(key, "ts", str(ts - int(2.5 * period_s * 1000)))
+                # It expires once it would be full again (plus a second).
+                assert 0 < client.pttl(key) <= (burst * period_s + 1) * 1000
             refilled = [await limiter.acquire("alice") for _ in range(3)]
             assert [d.allowed for d in refilled] == [True, True, False]  # 2.5 tokens back
         finally:
@@ -124,7 +132,9 @@ def test_local_bucket_without_redis() -> None:
 def test_two_replicas_share_one_bucket_per_user(
     redis_server: RedisServer, app_client: Callable[..., TestClient]
 ) -> None:
-    limits = {"rate_limit_per_minute": 1, "rate_limit_burst": 3, **redis_server.settings}
+    # A token every 10 minutes: five requests never see a refill, however slow the machine.
+    per_minute = 0.1
+    limits = {"rate_limit_per_minute": per_minute, "rate_limit_burst": 3, **redis_server.settings}
     first, second = app_client(**limits), app_client(**limits)
     user = uuid.uuid4()
     answers = [predict(client, user) for client in (first, second, first, second, first)]
@@ -132,7 +142,7 @@ def test_two_replicas_share_one_bucket_per_user(
     assert [r.headers["RateLimit-Remaining"] for r in answers[:3]] == ["2", "1", "0"]
     assert all(r.headers["RateLimit-Limit"] == "3" for r in answers)
     refused = answers[3]
-    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60 / per_minute
     assert refused.json()["detail"].startswith("Too many requests")
     assert predict(second, uuid.uuid4()).status_code == 200  # another user has its own bucket
 
