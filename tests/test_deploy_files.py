@@ -433,3 +433,35 @@ def test_compose_and_env_example_names_are_real(compose_config: dict) -> None:
         assert name in SETTING_NAMES or name in interpolated, name
     assert not [name for name in interpolated if name not in env_file(ENV_EXAMPLE, True)
                 and name not in inference_env], "every compose variable is in .env.example"
+
+
+def test_alert_rules_load_and_use_only_metrics_the_service_exports() -> None:
+    """deploy/prometheus-alerts.yaml: well-formed rules, mounted where prometheus.yaml reads
+    them, over metric names the service really exports (a renamed metric would silence an
+    alert without anyone noticing)."""
+    rules_file = DEPLOY / "prometheus-alerts.yaml"
+    groups = yaml.safe_load(rules_file.read_text())["groups"]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yaml").read_text())
+    assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yaml"]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())
+    assert "./prometheus-alerts.yaml:/etc/prometheus/alerts.yaml:ro" in (
+        compose["services"]["prometheus"]["volumes"]
+    )
+    exported = set(re.findall(
+        r'"(inference_[a-z_]+)"',
+        (Path(__file__).parents[1] / "src/rottenbot_inference/telemetry/metrics.py").read_text(),
+    ))
+    alerts = [rule for group in groups for rule in group["rules"]]
+    assert {"InferenceOutboxRefusingSaves", "InferenceOutboxVolumeLow"} <= {
+        rule["alert"] for rule in alerts
+    }
+    for rule in alerts:
+        assert {"alert", "expr", "for", "labels", "annotations"} <= set(rule), rule
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        names = set(re.findall(r"\binference_[a-z_]+", rule["expr"]))
+        assert names and names <= exported, (rule["alert"], names - exported)
+    promtool = shutil.which("promtool")  # Debian's prometheus package, where installed
+    if promtool is not None:
+        checked = subprocess.run([promtool, "check", "rules", str(rules_file)],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
