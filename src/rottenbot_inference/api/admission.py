@@ -101,7 +101,9 @@ class AdmissionMiddleware:
         reason = controller.refusal(interval_ms)
         if reason is not None:
             record_rejection(reason)
-            await send({**self._refusal_start})  # fresh dicts: a layer may rewrite them
+            # Fresh messages (the header list too): a layer may rewrite them in place.
+            start = {**self._refusal_start, "headers": list(self._refusal_start["headers"])}
+            await send(start)
             await send({**self._refusal_body})
             return
         controller.inflight += 1
