@@ -410,6 +410,47 @@ def test_termination_grace_covers_the_drain(rendered: list[dict]) -> None:
     assert config.request_timeout_s <= config.shutdown_timeout_s
 
 
+def test_statefulset_overlay_keeps_each_outbox_on_a_claim_and_the_pod_unchanged() -> None:
+    """overlays/statefulset: schema-valid, no Deployment, the base pod template but for `data`
+    (a volumeClaimTemplate instead of an emptyDir), and Services/HPA/PDB pointing at it."""
+    validator = require_validator()
+    rendered = _kustomize(KUBERNETES / "overlays" / "statefulset")
+    for version in KUBERNETES_VERSIONS:
+        for document in rendered:
+            validator.validate(document, version, strict=True)
+    kinds = [doc["kind"] for doc in rendered]
+    assert "Deployment" not in kinds and kinds.count("StatefulSet") == 1
+    statefulset = _one(rendered, "StatefulSet")
+    base = _one(_kustomize(KUBERNETES / "base"), "Deployment")
+    pod, base_pod = statefulset["spec"]["template"], base["spec"]["template"]
+    # Same pod: containers, security, grace, labels; only the data volume differs.
+    assert pod["metadata"] == base_pod["metadata"]
+    assert {k: v for k, v in pod["spec"].items() if k != "volumes"} == {
+        k: v for k, v in base_pod["spec"].items() if k != "volumes"}
+    config = _one(rendered, "ConfigMap")["data"]
+    (container,) = pod["spec"]["containers"]
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    data = mounts[config["DATA_DIR"]]
+    assert data not in {volume["name"] for volume in pod["spec"]["volumes"]}
+    (claim,) = [c for c in statefulset["spec"]["volumeClaimTemplates"]
+                if c["metadata"]["name"] == data]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    assert statefulset["spec"]["selector"] == base["spec"]["selector"]
+    assert "replicas" not in statefulset["spec"]  # the HPA owns the count
+    # The governing Service is headless; both Services, the PDB and the HPA find these pods.
+    services = {doc["metadata"]["name"]: doc for doc in rendered if doc["kind"] == "Service"}
+    headless = services[statefulset["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    labels = pod["metadata"]["labels"]
+    for service in services.values():
+        assert service["spec"]["selector"].items() <= labels.items()
+    assert _one(rendered, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() \
+        <= labels.items()
+    target = _one(rendered, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", statefulset["metadata"]["name"])
+
+
 # -- variable names -------------------------------------------------------------------------
 
 
