@@ -59,7 +59,7 @@ DISK_SETTINGS = {
 
 def photo(seed: int) -> bytes:
     """A ~200 KB JPEG (noise compresses badly), like a phone photo after the app's resize."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(seed).integers(0, 256, (520, 520, 3), dtype=np.uint8)
     return jpeg_bytes(pixels, quality=90)
 
 
@@ -234,7 +234,7 @@ def test_the_ballast_lets_the_outbox_reopen_and_drain_a_volume_filled_by_others(
 
 
 def test_fill_during_an_s3_outage_then_recover_without_a_restart(
-    make_client: Callable[..., TestClient], volume: Path, postgres: PostgresServer,
+    volume: Path, make_client: Callable[..., TestClient], postgres: PostgresServer,
     database: str, moto_s3: MotoS3Server, bucket: str,
 ) -> None:
     client = make_client(**storage_overrides(

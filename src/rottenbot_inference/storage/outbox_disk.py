@@ -180,13 +180,13 @@ class DiskBudget:
         if self.ballast_bytes <= 0:
             return False
         with self._lock:
-            if self.ballast_path.exists():
-                return True
-            free, total = self.usage()
-            if free - self.ballast_bytes < self.reserve_bytes(total):
-                return False
             tmp = self.ballast_path.with_suffix(".tmp")
             try:
+                if self.ballast_path.exists():
+                    return True
+                free, total = self.usage()
+                if free - self.ballast_bytes < self.reserve_bytes(total):
+                    return False
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
                     os.posix_fallocate(fd, 0, self.ballast_bytes)
