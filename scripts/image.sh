@@ -19,8 +19,9 @@
 # default ulimits nofile/nproc 16384 (a VM's hard limits may be lower than podman's defaults). When
 # no registry answers (`--base auto` tries one pull), the Python base image is built from Debian
 # packages with mmdebstrap and imported once: later builds reuse it. podman, buildah, runc,
-# slirp4netns, uidmap and mmdebstrap are installed with apt-get when missing. The host's CA bundle
-# is bind-mounted into podman build steps (never copied into an image) for HTTPS through a proxy.
+# slirp4netns, uidmap, mmdebstrap and CNI's dnsname plugin are installed with apt-get when
+# missing. The host's CA bundle is bind-mounted into podman build steps (never copied into an
+# image) for HTTPS through a proxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -102,12 +103,15 @@ install_podman() {
   for cmd in podman buildah runc slirp4netns newuidmap mmdebstrap; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
   done
+  # Compose service names resolve through CNI's dnsname plugin.
+  [ -e /usr/lib/cni/dnsname ] || missing+=(dnsname)
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null 2>&1 || { log "missing ${missing[*]} and no apt-get"; return 1; }
   log "installing podman buildah runc slirp4netns uidmap mmdebstrap (missing: ${missing[*]})"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
-    podman buildah runc slirp4netns uidmap mmdebstrap >/dev/null
+    podman buildah runc slirp4netns uidmap mmdebstrap \
+    golang-github-containernetworking-plugin-dnsname >/dev/null
 }
 
 # The Debian mirror this machine's apt uses (deb822 sources first, then sources.list).
