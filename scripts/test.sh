@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (Python packages, redis-server, PostgreSQL) and runs them all.
+# Installs everything the tests need (Python packages, redis-server, PostgreSQL, Chromium for the
+# docs page test) and runs them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
@@ -7,6 +8,7 @@ bash scripts/install.sh test
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import numpy as np
@@ -287,6 +288,12 @@ def test_not_ready_is_a_503(make_settings, photo: bytes, tmp_path) -> None:
 
 
 def test_openapi_docs_live_under_api_v1(client: TestClient) -> None:
-    assert client.get("/api/v1/docs").status_code == 200
+    for page in ("/api/v1/docs", "/api/v1/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assert assets and all(url.startswith("/api/v1/docs/assets/") for url in assets), assets
+        for url in assets:  # served by this process (tests/test_docs_browser.py renders them)
+            assert client.get(url).status_code == 200, url
     schema = client.get("/api/v1/openapi.json").json()
     assert "/api/v1/inference/predict" in schema["paths"]

@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from rottenbot_inference.api.docs import DOCS_CSP
 from tests.helpers import auth, jpeg_bytes, process_env, random_photo, running_server
 
 PREDICT = "/api/v1/inference/predict"
@@ -239,7 +240,10 @@ def test_security_headers(server: str) -> None:
     assert refused.headers["cache-control"] == "no-store"
     docs = httpx.get(f"{server}/api/v1/docs")
     assert docs.status_code == 200
-    assert "content-security-policy" not in docs.headers  # Swagger UI loads from a CDN
+    # Swagger UI's files come from this origin: the docs page's policy allows nothing else.
+    assert docs.headers["content-security-policy"] == DOCS_CSP
+    assert "http" not in DOCS_CSP and "frame-ancestors 'none'" in DOCS_CSP
+    assert docs.headers["x-frame-options"] == "DENY"
     assert docs.headers["x-content-type-options"] == "nosniff"
 
 

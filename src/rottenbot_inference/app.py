@@ -15,6 +15,7 @@ from rottenbot_inference import __version__
 from rottenbot_inference.api import admin, health, model, predict, predictions
 from rottenbot_inference.api.admission import AdmissionMiddleware
 from rottenbot_inference.api.disconnect import CancelOnDisconnect
+from rottenbot_inference.api.docs import DOCS_CSP, install_docs
 from rottenbot_inference.api.draining import DrainingMiddleware
 from rottenbot_inference.api.errors import install_error_handlers
 from rottenbot_inference.api.headers import SecurityHeadersMiddleware
@@ -138,8 +139,8 @@ def create_app(
         title="RottenBot inference service",
         version=__version__,
         description="Classifies photos of fruit and vegetables as healthy or rotten.",
-        docs_url="/api/v1/docs",
-        redoc_url="/api/v1/redoc",
+        docs_url=None,  # served by install_docs, with Swagger UI's files from this process
+        redoc_url=None,
         openapi_url="/api/v1/openapi.json",
         lifespan=lifespan,
         **fastapi_options(),  # our middleware traces and measures requests, not FastAPI's own
@@ -162,7 +163,9 @@ def create_app(
         DrainingMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD
     )
     # Security headers on every answer, the early refusals of the middleware above included.
-    app.add_middleware(SecurityHeadersMiddleware, docs_paths=_docs_paths(app))
+    app.add_middleware(
+        SecurityHeadersMiddleware, docs_paths=install_docs(app), docs_csp=DOCS_CSP
+    )
     # Added last: outermost, so it also times and counts the body-size limit's early 413s.
     app.add_middleware(TelemetryMiddleware, access_log_enabled=settings.access_log)
     app.include_router(predict.router)
@@ -173,12 +176,6 @@ def create_app(
         app.include_router(admin.router)
     app.include_router(telemetry_metrics.router)
     return app
-
-
-def _docs_paths(app: FastAPI) -> frozenset[str]:
-    """The interactive docs pages (they load scripts and styles from a CDN)."""
-    pages = (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
-    return frozenset(page for page in pages if page)
 
 
 def _on_sighup(state: AppState) -> Callable[[], None]:

@@ -5,8 +5,9 @@
 - `Cache-Control: no-store` on answers to requests carrying credentials, unless the route set
   its own (the saved-image route says `private`): no shared cache keeps a user's data.
 - `X-Frame-Options: DENY`, `Content-Security-Policy: default-src 'none'; frame-ancestors
-  'none'` and `Referrer-Policy: no-referrer` on everything but the interactive docs (Swagger
-  UI and ReDoc load their scripts and styles from a CDN).
+  'none'` and `Referrer-Policy: no-referrer` on everything; the interactive docs pages (Swagger
+  UI and ReDoc, scripts and styles served by this process) get a policy that lets them run
+  their own scripts from this origin, and nothing from elsewhere (api/docs.py).
 
 HSTS is left to the TLS-terminating proxy: this process speaks plain HTTP.
 """
@@ -21,6 +22,7 @@ _LOCKDOWN = (
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
     (b"referrer-policy", b"no-referrer"),
 )
+_CSP = b"content-security-policy"
 _NO_STORE = (b"cache-control", b"no-store")
 _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-admin-key"})
 
@@ -28,17 +30,23 @@ _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-admin-key"})
 class SecurityHeadersMiddleware:
     """Adds the headers above to `http.response.start` unless the route already set them."""
 
-    def __init__(self, app: ASGIApp, docs_paths: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, app: ASGIApp, docs_paths: frozenset[str] = frozenset(), docs_csp: str = ""
+    ) -> None:
         self.app = app
         self.docs_paths = docs_paths
+        self._docs = tuple(
+            (name, docs_csp.encode()) if name == _CSP else (name, value)
+            for name, value in _LOCKDOWN
+            if name != _CSP or docs_csp
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         extra = list(_ALWAYS)
-        if scope["path"] not in self.docs_paths:
-            extra.extend(_LOCKDOWN)
+        extra.extend(self._docs if scope["path"] in self.docs_paths else _LOCKDOWN)
         if any(name in _CREDENTIAL_HEADERS for name, _ in scope["headers"]):
             extra.append(_NO_STORE)
 
