@@ -26,11 +26,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ORPHAN_MIN_AGE_S = 600.0  # an image file no outbox row names is removed once this old
 
@@ -166,6 +168,17 @@ class DiskBudget:
         """Whether `size` more bytes (besides `pending` bytes being written) leave the reserve."""
         free, total = self.usage()
         return free - pending - size >= self.reserve_bytes(total)
+
+    def with_room(self, operation: Callable[[], T]) -> T:
+        """Run a write the outbox needs; if it fails for lack of space, release the ballast
+        and retry once."""
+        try:
+            return operation()
+        except (OSError, sqlite3.Error) as exc:
+            # SQLite reports a shared-memory file it cannot grow as a plain "disk I/O error".
+            if not ((is_disk_full(exc) or self.exhausted()) and self.release_ballast()):
+                raise
+        return operation()
 
     def exhausted(self) -> bool:
         """Less than a megabyte free: a failed write was most likely for lack of space."""
