@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import random
 import sqlite3
 import uuid
@@ -432,3 +433,43 @@ def test_pending_saves_are_visible_deletable_and_survive_a_restart(
     for uid in uids:
         assert list((tmp_path / "data" / "images").rglob(f"{uid}.jpg"))
     assert restarted.delete(f"{PREDICTIONS}/{uids[0]}", headers=auth(user)).status_code == 204
+
+
+def test_an_add_is_durable_before_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The promise behind a 200 for a save, checked where `kill -9` tests cannot see it (the
+    kernel keeps written pages across a process kill, not across a power cut): before `add`
+    returns, the image file and its folder have been fsynced and the record committed on a
+    connection in WAL mode with synchronous=FULL (SQLite fsyncs the WAL at each commit)."""
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", max_items=100, max_bytes=10**9)
+        await outbox.open()
+        images = (tmp_path / "outbox" / "images").resolve()
+        for _ in range(3):
+            saved = record()
+            fsynced.clear()
+            await outbox.add(saved, b"image bytes")
+            assert str(images / str(saved.uid)) in fsynced  # the file's bytes
+            assert str(images) in fsynced  # its name in the folder
+            writer = outbox._writer  # the connection the commit ran on
+            assert writer is not None and writer.connection is not None
+            assert writer.connection.execute("PRAGMA synchronous").fetchone()[0] >= 2  # FULL
+            assert writer.connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            # ... and the row is there for any other connection to read (committed).
+            with sqlite3.connect(outbox.path) as other:
+                assert other.execute(
+                    "SELECT count(*) FROM items WHERE uid = ?", (str(saved.uid),)
+                ).fetchone()[0] == 1
+        await outbox.close()
+
+    asyncio.run(scenario())
