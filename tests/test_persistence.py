@@ -172,12 +172,14 @@ def test_history_pagination_filter_scoping_and_delete_on_postgres_and_s3(
 
 # --- outages ------------------------------------------------------------------------------------
 
+COUNT = 100  # acknowledged saves per outage: enough for losses that need volume to show
+
 
 def test_s3_hung_then_back_every_acknowledged_save_arrives_and_full_outbox_is_503(
     make_client: Callable[..., TestClient], postgres: PostgresServer, database: str,
     moto_s3: MotoS3Server, bucket: str,
 ) -> None:
-    count = 8
+    count = COUNT
     client = make_client(
         **storage_overrides(
             postgres, database, moto_s3, bucket, outbox_max_items=count, s3_max_attempts=1
@@ -218,7 +220,7 @@ def test_database_down_then_back_every_acknowledged_save_arrives(
     postgres.stop()
     try:
         uids = []
-        for seed in range(6):
+        for seed in range(COUNT):
             response = save(client, user, seed=seed)
             assert response.status_code == 200, response.text
             uids.append(response.json()["prediction_uid"])
@@ -229,13 +231,13 @@ def test_database_down_then_back_every_acknowledged_save_arrives(
         pending = client.get(f"{PREDICTIONS}/{uids[0]}", headers=auth(user))
         assert pending.status_code == 200 and pending.json()["status"] == "pending"
         poll(lambda: store.drainer.failures >= 2, message="the database was never retried")
-        assert store.backlog == 6
+        assert store.backlog == COUNT
     finally:
         postgres.start()
-    poll(lambda: len(rows(postgres, database)) == 6 and store.backlog == 0,
+    poll(lambda: len(rows(postgres, database)) == COUNT and store.backlog == 0,
          message="acknowledged saves did not all arrive after the database came back")
     assert sorted(r[0] for r in rows(postgres, database)) == sorted(uids)
-    assert len(bucket_objects(moto_s3, bucket)) == 6
+    assert len(bucket_objects(moto_s3, bucket)) == COUNT
     assert [i["uid"] for i in history(client, user)] == list(reversed(uids))
 
 

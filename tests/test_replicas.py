@@ -41,7 +41,7 @@ from tests.servers_storage import (
 from tests.test_auth import assert_401, auth_service_token, bearer, utc_clock
 
 __all__ = ["utc_clock"]  # a fixture, used by name
-SAVES = 10
+SAVES = 200  # 100 acknowledged saves per process: losses that need volume show
 
 
 @pytest.fixture
@@ -114,12 +114,15 @@ def test_two_replicas_share_revocations_saves_and_history(
     # Saves sent alternately to both arrive exactly once each: one row, one object.
     saver = uuid.uuid4()
     acknowledged = []
-    for n in range(SAVES):
-        service = replicas[n % 2]
-        with httpx.Client(base_url=service.base_url, timeout=60) as client:
-            response = save(client, saver, seed=100 + n)
-        assert response.status_code == 200, response.text
-        acknowledged.append(response.json()["prediction_uid"])
+    clients = [httpx.Client(base_url=s.base_url, timeout=60) for s in replicas]
+    try:
+        for n in range(SAVES):
+            response = save(clients[n % 2], saver, seed=100 + n)
+            assert response.status_code == 200, response.text
+            acknowledged.append(response.json()["prediction_uid"])
+    finally:
+        for client in clients:
+            client.close()
     data_dirs = [Path(s.env["DATA_DIR"]) for s in replicas]
     poll(lambda: len(prediction_rows(postgres, database, "uid, user_uid, image_path")) >= SAVES
          and all(outbox_rows(d) == 0 for d in data_dirs),
@@ -139,10 +142,18 @@ def test_two_replicas_share_revocations_saves_and_history(
         assert through_a == through_b
         assert [item["uid"] for item in through_a] == list(reversed(acknowledged))
         assert {item["status"] for item in through_a} == {"stored"}
-        # One replica's cursor works on the other (cursors carry no replica state).
-        first = client_a.get("/api/v1/inference/predictions", params={"limit": 4},
-                             headers=auth(saver)).json()
-        rest = client_b.get("/api/v1/inference/predictions",
-                            params={"limit": 100, "cursor": first["next_cursor"]},
-                            headers=auth(saver)).json()
-        assert [i["uid"] for i in first["items"] + rest["items"]] == list(reversed(acknowledged))
+        # One replica's cursor works on the other (cursors carry no replica state): pages
+        # fetched alternately from a and b.
+        items: list[dict[str, str]] = []
+        cursor = None
+        for page in range(SAVES):
+            client = (client_a, client_b)[page % 2]
+            params = {"limit": 40, **({"cursor": cursor} if cursor else {})}
+            body = client.get("/api/v1/inference/predictions", params=params,
+                              headers=auth(saver)).json()
+            items += body["items"]
+            cursor = body.get("next_cursor")
+            if not cursor:
+                break
+        assert page >= 2  # both replicas' cursors were used
+        assert [i["uid"] for i in items] == list(reversed(acknowledged))
