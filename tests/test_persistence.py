@@ -70,7 +70,7 @@ def test_postgres_migrations_from_empty_concurrent_rerun_and_legacy_table(
             for _ in range(2)]
     outputs = [run.communicate(timeout=120)[0].decode() for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
-    assert postgres.psql(f"SELECT version_num FROM {VERSION_TABLE}", fresh) == "0001"
+    assert postgres.psql(f"SELECT version_num FROM {VERSION_TABLE}", fresh) == "0002"
     indexes = postgres.psql("SELECT indexname FROM pg_indexes WHERE tablename='predictions'", fresh)
     assert {"ix_predictions_user_created_uid", "ix_predictions_user_class_created_uid"} <= set(
         indexes.splitlines()
@@ -329,3 +329,33 @@ def test_kill_9_after_acknowledged_saves_loses_nothing_and_duplicates_nothing(
     keys = bucket_objects(moto_s3, bucket)
     assert sorted(keys) == sorted(r[2] for r in stored)
     assert all(size > 0 for size in keys.values())
+
+
+def test_a_row_the_database_rejects_is_parked_without_holding_up_the_others(
+    make_client: Callable[..., TestClient], postgres: PostgresServer, database: str,
+    moto_s3: MotoS3Server, bucket: str,
+) -> None:
+    """A permanent failure of one item (here a CHECK constraint an operator added rejects one
+    user's rows) parks that item, counted by reason; the saves behind it are stored at once;
+    once the cause is gone, the parked item is stored at its next retry."""
+    client = make_client(**storage_overrides(
+        postgres, database, moto_s3, bucket, outbox_park_retry_s=2.0, outbox_batch_size=16,
+    ))
+    store = store_of(client)
+    poll(lambda: store.schema_ready, message="migrations did not run on start")
+    poisoned, others = uuid.uuid4(), uuid.uuid4()
+    postgres.psql(
+        "ALTER TABLE predictions ADD CONSTRAINT not_this_user "
+        f"CHECK (user_uid::text <> '{poisoned}')", database,
+    )
+    bad = save(client, poisoned, seed=1).json()["prediction_uid"]
+    good = [save(client, others, seed=10 + n).json()["prediction_uid"] for n in range(20)]
+    poll(lambda: sorted(r[0] for r in rows(postgres, database)) == sorted(good),
+         message="saves behind the rejected one were held up")
+    poll(lambda: store.outbox.parked == 1, message="the rejected save was not parked")
+    assert store.drainer.failures_by_reason["database_rejected"] >= 1
+    assert store.outbox.get(uuid.UUID(bad)) is not None  # kept, never dropped
+    postgres.psql("ALTER TABLE predictions DROP CONSTRAINT not_this_user", database)
+    poll(lambda: bad in {r[0] for r in rows(postgres, database)} and store.backlog == 0,
+         message="the parked save was not stored once the database accepted it")
+    assert store.outbox.parked == 0
