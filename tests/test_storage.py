@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import random
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -471,5 +472,36 @@ def test_an_add_is_durable_before_it_returns(
                     "SELECT count(*) FROM items WHERE uid = ?", (str(saved.uid),)
                 ).fetchone()[0] == 1
         await outbox.close()
+
+    asyncio.run(scenario())
+
+
+def test_outbox_start_drops_drained_rows_and_stray_files(tmp_path: Path) -> None:
+    """What a crash can leave behind is tidied at the next start: a record whose image file is
+    gone was drained (files are only unlinked after the drain) and is dropped; an old image
+    file no record names (an add that never committed) is deleted; pending saves are kept."""
+
+    async def scenario() -> None:
+        folder = tmp_path / "outbox"
+        outbox = Outbox(folder, 100, 10**6)
+        await outbox.open()
+        kept, drained = record(), record()
+        await outbox.add(kept, b"kept")
+        await outbox.add(drained, b"drained")
+        await outbox.close()
+        (folder / "images" / str(drained.uid)).unlink()  # unlinked, row delete never committed
+        stray = folder / "images" / str(uuid.uuid4())
+        stray.write_bytes(b"never committed")
+        fresh = folder / "images" / str(uuid.uuid4())
+        fresh.write_bytes(b"maybe a live writer's, about to commit")
+        an_hour_ago = time.time() - 3600
+        os.utime(stray, (an_hour_ago, an_hour_ago))
+
+        reopened = Outbox(folder, 100, 10**6)
+        await reopened.open()
+        assert [e.uid for e in reopened.entries()] == [kept.uid]
+        assert (await reopened.load_images([kept.uid])) == {kept.uid: b"kept"}
+        assert not stray.exists() and fresh.exists()
+        await reopened.close()
 
     asyncio.run(scenario())

@@ -121,7 +121,8 @@ def remove_orphan_files(folder: Path, files: SpoolFiles) -> None:
     referenced: set[str] = set()
     for other in folder.glob("outbox-*.sqlite3"):
         try:
-            with contextlib.closing(sqlite3.connect(f"file:{other}?mode=ro", uri=True)) as conn:
+            uri = f"{other.resolve().as_uri()}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
                 referenced.update(uid for (uid,) in conn.execute("SELECT uid FROM items"))
         except sqlite3.Error:
             return  # cannot tell what is referenced: keep every file
