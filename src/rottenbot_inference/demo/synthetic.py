@@ -286,6 +286,9 @@ class _Sprite:
     bump: np.ndarray = field(default_factory=lambda: np.zeros((_S, _S), np.float32))
     normals: np.ndarray | None = None
     gloss_map: np.ndarray | None = None
+    # Where rot was painted (lesions, soft rot, shrivelled berries; mould is added later).
+    # Bookkeeping only: it never feeds back into the picture or the random stream.
+    rot: np.ndarray = field(default_factory=lambda: np.zeros((_S, _S), np.float32))
 
     def add_part(self, mask: np.ndarray, color: np.ndarray) -> None:
         """Paint an opaque part (stem, leaf, calyx) over the body."""
@@ -844,6 +847,7 @@ def _grape(rng: np.random.Generator, rotten: bool) -> _Sprite:
     if rotten:
         wr = _wrinkle_mask(rng, shrivel, int(rng.integers(10, 30)), rb * 0.9)
         sp.albedo = _lerp(sp.albedo, sp.albedo * 0.45, wr * shrivel)
+        sp.rot = np.maximum(sp.rot, shrivel)
     stem_col = _jit(rng, 40, 0.5, 0.35, dh=15)
     branches = [np.array([[_C, top_y - rb * 1.8], [_C + rng.uniform(-0.5, 0.5) * rb, top_y + rb]])]
     for _ in range(3):
@@ -958,6 +962,7 @@ def _rot(rng: np.random.Generator, sp: _Sprite) -> list[tuple[float, float, floa
             soft * rng.uniform(0.5, 0.85),
         )
         rot_mask = np.maximum(rot_mask, soft)
+    sp.rot = np.maximum(sp.rot, rot_mask)
     if rng.random() < 0.45:
         wr = _wrinkle_mask(rng, body, int(rng.integers(4, 14)), radius * 0.6) * body
         sp.albedo = _lerp(sp.albedo, sp.albedo * 0.5, wr)
@@ -990,9 +995,17 @@ def _healthy_marks(rng: np.random.Generator, sp: _Sprite) -> None:
 
 
 def _mould(
-    rng: np.random.Generator, img: np.ndarray, body: np.ndarray, cx: float, cy: float, radius: float
+    rng: np.random.Generator,
+    img: np.ndarray,
+    body: np.ndarray,
+    cx: float,
+    cy: float,
+    radius: float,
+    rot: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Fuzzy white/grey/blue-green mould patch painted over a shaded sprite (in place)."""
+    """Fuzzy white/grey/blue-green mould patch painted over a shaded sprite (in place).
+
+    ``rot``, when given, is raised (in place) to the patch's coverage."""
     win = _window(cx, cy, radius * 2.6 + 4)
     if win is None:
         return img
@@ -1007,7 +1020,10 @@ def _mould(
     texture = (
         np.broadcast_to(col, (*patch.shape, 3)) * np.clip(0.8 + 0.2 * fibres, 0.4, 1.2)[..., None]
     )
-    _lerp(img[win], texture, cover * rng.uniform(0.75, 0.95))
+    strength = rng.uniform(0.75, 0.95)
+    _lerp(img[win], texture, cover * strength)
+    if rot is not None:
+        rot[win] = np.maximum(rot[win], cover * strength)
     return img
 
 
@@ -1074,8 +1090,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _draw_sprite(
     class_index: int, rng: np.random.Generator, light: np.ndarray, ambient: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one produce; returns premultiplied RGB and alpha on the sprite canvas."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one produce; returns premultiplied RGB, alpha and the visible rot (0..1) on the
+    sprite canvas."""
     fruit, state = CLASS_NAMES[class_index].split("__")
     rotten = state == "Rotten"
     sp = _FRUIT_DRAWERS[fruit](rng, rotten)
@@ -1091,13 +1108,14 @@ def _draw_sprite(
     shininess = float(rng.uniform(15, 60))
     rgb = _shade(np.clip(sp.albedo, 0, 1), normals, gloss, light, ambient, shininess)
     for cx, cy, r in moulds:
-        rgb = _mould(rng, rgb, sp.body, cx, cy, r)
+        rgb = _mould(rng, rgb, sp.body, cx, cy, r, sp.rot)
     if sp.parts_a.max() > 0:
         pn = _normals_from_mask(sp.parts_a, np.zeros_like(sp.parts_a))
         prgb = _shade(np.clip(sp.parts_rgb, 0, 1), pn, 0.2, light, ambient + 0.15, 20.0)
         rgb = _lerp(rgb, prgb, sp.parts_a)
     alpha = np.maximum(sp.body, sp.parts_a)
-    return np.clip(rgb, 0, 1.2) * alpha[..., None], alpha
+    visible_rot = sp.rot * sp.body * (1 - sp.parts_a)  # stems and leaves hide what is below
+    return np.clip(rgb, 0, 1.2) * alpha[..., None], alpha, visible_rot
 
 
 def render(
@@ -1107,6 +1125,18 @@ def render(
 
     ``size`` is ``(height, width)``; the result is an RGB ``uint8`` array of
     shape ``(height, width, 3)``.
+    """
+    return render_with_lesion(class_index, rng, size)[0]
+
+
+def render_with_lesion(
+    class_index: int, rng: np.random.Generator, size: tuple[int, int] = (256, 256)
+) -> tuple[np.ndarray, np.ndarray]:
+    """``render`` plus where the rot is: a ``bool`` array of shape ``(height, width)``.
+
+    The mask is True where lesions, soft rot, mould or shrivelled berries cover at least half
+    of a pixel and are not hidden by a stem or leaf (all False for healthy classes). The
+    picture is the one ``render`` draws from the same generator state.
     """
     if not 0 <= class_index < len(CLASS_NAMES):
         raise ValueError(f"class_index must be in [0, {len(CLASS_NAMES)}), got {class_index}")
@@ -1122,9 +1152,9 @@ def render(
     k = min(1.0, _MAX_WORK / max(h, w))
     wh, ww = max(8, round(h * k)), max(8, round(w * k))
     canvas = _background(rng, wh, ww)
-    sprite, alpha = _draw_sprite(class_index, rng, light, ambient)
+    sprite, alpha, rotten = _draw_sprite(class_index, rng, light, ambient)
     if rng.random() < 0.5:
-        sprite, alpha = sprite[:, ::-1].copy(), alpha[:, ::-1].copy()
+        sprite, alpha, rotten = (a[:, ::-1].copy() for a in (sprite, alpha, rotten))
 
     ys, xs = np.nonzero(alpha > 0.05)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
@@ -1154,6 +1184,7 @@ def render(
     canvas *= (1 - rng.uniform(0.25, 0.55) * shadow)[..., None]
 
     wa = cv2.warpAffine(alpha, m, (ww, wh), flags=cv2.INTER_LINEAR, borderValue=0)
+    lesion = cv2.warpAffine(rotten, m, (ww, wh), flags=cv2.INTER_LINEAR, borderValue=0)
     wrgb = cv2.warpAffine(sprite, m, (ww, wh), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
     img = canvas * (1 - wa)[..., None] + wrgb
 
@@ -1171,7 +1202,8 @@ def render(
     out = cv2.LUT(out, lut.astype(np.uint8))
     if (wh, ww) != (h, w):
         out = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.ascontiguousarray(out)
+        lesion = cv2.resize(lesion, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(out), lesion >= 0.5
 
 
 def make_dataset(
