@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter
@@ -9,7 +10,9 @@ from pydantic import Field
 
 from rottenbot_inference.api.deps import CurrentUser, ReadyState
 from rottenbot_inference.api.schemas import ModelOut, error_responses
+from rottenbot_inference.api.state import AppState
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/inference", tags=["inference"])
 
 
@@ -26,6 +29,12 @@ class ModelInfoOut(ModelOut):
     reload: dict[str, Any] | None = Field(
         None, description="Last reload check, last refused version, counts"
     )
+    feedback: dict[str, Any] | None = Field(
+        None,
+        description="Owners' feedback on this version's saved predictions (all replicas, from "
+        "the database): count, agreed, accuracy (agreed / count; null without feedback); "
+        "absent when saved predictions are off or the database cannot be reached",
+    )
 
 
 @router.get(
@@ -39,6 +48,7 @@ async def model_info(state: ReadyState, _: CurrentUser) -> ModelInfoOut:
     assert bundle is not None  # ReadyState guarantees it
     settings = state.settings
     return ModelInfoOut(
+        feedback=await _feedback(state, bundle.version),
         **bundle.describe(),
         **(state.models.describe() if state.models is not None else {}),
         batching={
@@ -50,3 +60,16 @@ async def model_info(state: ReadyState, _: CurrentUser) -> ModelInfoOut:
             "preprocess_threads": settings.effective_preprocess_threads,
         },
     )
+
+
+async def _feedback(state: AppState, version: str) -> dict[str, Any] | None:
+    from rottenbot_inference.storage.service import StorageUnavailable
+
+    if state.predictions is None:
+        return None
+    try:
+        count, agreed = await state.predictions.feedback_stats(version)
+    except StorageUnavailable as exc:
+        log.debug("model info without feedback: %s", exc.detail)
+        return None
+    return {"count": count, "agreed": agreed, "accuracy": agreed / count if count else None}

@@ -19,15 +19,19 @@ from rottenbot_inference.api.errors import ServiceUnavailable
 from rottenbot_inference.api.schemas import (
     ClassScoreOut,
     ErrorOut,
+    FeedbackIn,
+    FeedbackOut,
     PredictionPageOut,
     SavedPredictionOut,
 )
 from rottenbot_inference.api.state import AppState, get_state
 from rottenbot_inference.inference.images import sniff_format
 from rottenbot_inference.storage.images import ImageStoreError, read_head
+from rottenbot_inference.storage.records import FeedbackRecord
 from rottenbot_inference.storage.service import (
     MAX_PAGE_SIZE,
     InvalidCursor,
+    PredictionPending,
     PredictionStore,
     SavedPrediction,
     StorageUnavailable,
@@ -80,6 +84,17 @@ def _out(saved: SavedPrediction) -> SavedPredictionOut:
         ],
         image_url=f"{PREFIX}/{record.uid}/image",
         status="pending" if saved.pending else "stored",
+        feedback=None if saved.feedback is None else _feedback_out(saved.feedback),
+    )
+
+
+def _feedback_out(feedback: FeedbackRecord) -> FeedbackOut:
+    return FeedbackOut(
+        correct_class=feedback.correct_class,
+        correct_class_name=feedback.correct_class_name,
+        agreed=feedback.agreed,
+        model_version=feedback.model_version,
+        updated_at=feedback.updated_at,
     )
 
 
@@ -157,6 +172,85 @@ async def get_prediction_image(user: CurrentUser, store: Store, uid: uuid.UUID) 
 )
 async def delete_prediction(user: CurrentUser, store: Store, uid: uuid.UUID) -> Response:
     found = await store.delete(user.user_uid, uid)
+    if not found:
+        raise HTTPException(status_code=404, detail=NOT_FOUND)
+    return Response(status_code=204)
+
+
+# --- feedback ------------------------------------------------------------------------------
+PENDING_RETRY_S = 2
+_FEEDBACK_RESPONSES: dict[int | str, dict[str, object]] = {
+    **_RESPONSES,
+    409: {"model": ErrorOut, "description": "The save is still pending; see Retry-After"},
+    422: {"model": ErrorOut, "description": "Unknown class (the valid ones are listed)"},
+}
+
+
+def _class_names(state: AppState) -> tuple[str, ...]:
+    bundle = state.service.bundle
+    if bundle is None:
+        raise ServiceUnavailable("The model is not loaded yet; the classes are unknown.")
+    return bundle.class_names
+
+
+def resolve_class(value: str | int, names: tuple[str, ...]) -> tuple[int, str]:
+    """(index, name) of a class given by name or index; HTTP 422 naming the valid ones."""
+    if isinstance(value, int) and 0 <= value < len(names):
+        return value, names[value]
+    if isinstance(value, str) and value in names:
+        return names.index(value), value
+    if isinstance(value, str) and value.isdecimal() and int(value) < len(names):
+        return int(value), names[int(value)]
+    valid = ", ".join(f"{index}={name}" for index, name in enumerate(names))
+    raise HTTPException(
+        status_code=422, detail=f"Unknown class {value!r}; valid classes: {valid}."
+    )
+
+
+def _pending() -> HTTPException:
+    return HTTPException(
+        status_code=409,
+        detail="This prediction is still being saved; retry in a few seconds.",
+        headers={"Retry-After": str(PENDING_RETRY_S)},
+    )
+
+
+@router.put(
+    "/{uid}/feedback",
+    response_model=FeedbackOut,
+    response_model_exclude_none=True,
+    responses=_FEEDBACK_RESPONSES,
+    summary="Say what the saved prediction really shows (idempotent)",
+)
+async def put_feedback(
+    user: CurrentUser,
+    store: Store,
+    state: Annotated[AppState, Depends(get_state)],
+    uid: uuid.UUID,
+    body: FeedbackIn,
+) -> FeedbackOut:
+    index, name = resolve_class(body.correct_class, _class_names(state))
+    try:
+        feedback = await store.set_feedback(user.user_uid, uid, index, name)
+    except PredictionPending:
+        raise _pending() from None
+    if feedback is None:
+        raise HTTPException(status_code=404, detail=NOT_FOUND)
+    return _feedback_out(feedback)
+
+
+@router.delete(
+    "/{uid}/feedback",
+    status_code=204,
+    response_class=Response,
+    responses={**_RESPONSES, 409: _FEEDBACK_RESPONSES[409]},
+    summary="Retract the feedback (idempotent)",
+)
+async def delete_feedback(user: CurrentUser, store: Store, uid: uuid.UUID) -> Response:
+    try:
+        found = await store.delete_feedback(user.user_uid, uid)
+    except PredictionPending:
+        raise _pending() from None
     if not found:
         raise HTTPException(status_code=404, detail=NOT_FOUND)
     return Response(status_code=204)

@@ -30,6 +30,25 @@ class PredictionOut(BaseModel):
     )
 
 
+class FeedbackIn(BaseModel):
+    """What the saved prediction really shows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    correct_class: str | int = Field(
+        description="Class name (e.g. Apple__Rotten) or class index of the serving model",
+        examples=["Apple__Rotten", 3],
+    )
+
+
+class FeedbackOut(BaseModel):
+    correct_class: int
+    correct_class_name: str
+    agreed: bool = Field(description="true: the prediction was right")
+    model_version: str | None = Field(None, description="Version that made the prediction")
+    updated_at: dt.datetime
+
+
 class SavedPredictionOut(BaseModel):
     """A prediction from the caller's history."""
 
@@ -47,6 +66,7 @@ class SavedPredictionOut(BaseModel):
     top_k: list[ClassScoreOut] | None = None
     image_url: str = Field(description="Where to fetch the saved image (same auth)")
     status: str = Field(description="stored, or pending (accepted, not yet in the database)")
+    feedback: FeedbackOut | None = Field(None, description="The owner's correction, if given")
 
 
 class PredictionPageOut(BaseModel):

@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 
 from rottenbot_inference.settings import Settings
-from rottenbot_inference.storage.models import Prediction
-from rottenbot_inference.storage.records import PredictionRecord
+from rottenbot_inference.storage.models import Feedback, Prediction
+from rottenbot_inference.storage.records import FeedbackRecord, PredictionRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ VERSION_TABLE = "rottenbot_inference_alembic_version"
 # pg_advisory_lock key: any constant shared by every replica ("rottenbot" as an int64).
 MIGRATION_LOCK_KEY = int.from_bytes(b"rottenbt", "big") & 0x7FFF_FFFF_FFFF_FFFF
 _TABLE = Prediction.__table__
+_FEEDBACK = Feedback.__table__
 
 
 def database_url(settings: Settings) -> URL:
@@ -219,10 +220,104 @@ class PredictionRepository:
         return None if row is None else PredictionRecord.from_row(row)
 
     async def delete(self, user_uid: uuid.UUID, uid: uuid.UUID) -> bool:
+        """Delete the row and its feedback (one transaction; SQLite has no cascade here)."""
         statement = delete(_TABLE).where(_TABLE.c.uid == uid, _TABLE.c.user_uid == user_uid)
         async with self.engine.begin() as conn:
+            await conn.execute(
+                delete(_FEEDBACK).where(
+                    _FEEDBACK.c.prediction_uid == uid, _FEEDBACK.c.user_uid == user_uid
+                )
+            )
             result = await conn.execute(statement)
         return (result.rowcount or 0) > 0
+
+    # --- feedback ------------------------------------------------------------------------
+
+    async def set_feedback(self, feedback: FeedbackRecord) -> FeedbackRecord | None:
+        """Insert or replace the feedback of a prediction; returns the one it replaced.
+
+        Raises LookupError when the user has no such stored prediction; the owner check and the
+        write are one transaction (the row is locked on PostgreSQL), so a concurrent delete
+        cannot leave an orphan.
+        """
+        f = _FEEDBACK.c
+        async with self.engine.begin() as conn:
+            owned = select(_TABLE.c.uid).where(
+                _TABLE.c.uid == feedback.prediction_uid, _TABLE.c.user_uid == feedback.user_uid
+            )
+            if self.engine.dialect.name == "postgresql":
+                owned = owned.with_for_update()
+            if (await conn.execute(owned)).first() is None:
+                raise LookupError(str(feedback.prediction_uid))
+            current = select(_FEEDBACK).where(f.prediction_uid == feedback.prediction_uid)
+            previous_row = (await conn.execute(current)).first()
+            if previous_row is None:
+                await conn.execute(_FEEDBACK.insert().values(feedback.to_row()))
+                return None
+            previous = FeedbackRecord.from_row(previous_row)
+            if (previous.correct_class, previous.correct_class_name) != (
+                feedback.correct_class, feedback.correct_class_name,
+            ):
+                await conn.execute(
+                    _FEEDBACK.update()
+                    .where(f.prediction_uid == feedback.prediction_uid)
+                    .values(feedback.to_row())
+                )
+            return previous
+
+    async def delete_feedback(self, user_uid: uuid.UUID, uid: uuid.UUID) -> FeedbackRecord | None:
+        """Retract the feedback of the user's prediction; returns what was removed, if any."""
+        f = _FEEDBACK.c
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(_FEEDBACK).where(f.prediction_uid == uid, f.user_uid == user_uid)
+                )
+            ).first()
+            if row is None:
+                return None
+            await conn.execute(delete(_FEEDBACK).where(f.prediction_uid == uid))
+        return FeedbackRecord.from_row(row)
+
+    async def feedback_for(self, uids: Sequence[uuid.UUID]) -> dict[uuid.UUID, FeedbackRecord]:
+        """The feedback of these predictions (those that have one)."""
+        if not uids:
+            return {}
+        query = select(_FEEDBACK).where(_FEEDBACK.c.prediction_uid.in_(list(uids)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {row.prediction_uid: FeedbackRecord.from_row(row) for row in rows}
+
+    async def feedback_stats(self, model_version: str) -> tuple[int, int]:
+        """(feedback received, of which agreed) for a model version."""
+        f = _FEEDBACK.c
+        query = select(func.count(), func.count().filter(f.agreed.is_(True))).where(
+            f.model_version == model_version
+        )
+        async with self.engine.connect() as conn:
+            total, agreed = (await conn.execute(query)).one()
+        return int(total), int(agreed or 0)
+
+    # --- erasure -------------------------------------------------------------------------
+
+    async def image_paths(self, user_uid: uuid.UUID, limit: int = 500) -> list[str]:
+        """Up to `limit` object keys of the user's predictions (erasure walks them in pages)."""
+        query = select(_TABLE.c.image_path).where(_TABLE.c.user_uid == user_uid).limit(limit)
+        async with self.engine.connect() as conn:
+            return [row[0] for row in (await conn.execute(query)).all()]
+
+    async def delete_rows(self, user_uid: uuid.UUID, image_paths: Sequence[str]) -> int:
+        """Delete the user's rows with these keys, and their feedback."""
+        if not image_paths:
+            return 0
+        c = _TABLE.c
+        uids = select(c.uid).where(c.user_uid == user_uid, c.image_path.in_(list(image_paths)))
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(_FEEDBACK).where(_FEEDBACK.c.prediction_uid.in_(uids)))
+            result = await conn.execute(
+                delete(_TABLE).where(c.user_uid == user_uid, c.image_path.in_(list(image_paths)))
+            )
+        return max(result.rowcount or 0, 0)
 
     async def count(self, user_uid: uuid.UUID | None = None) -> int:
         query = select(func.count()).select_from(_TABLE)

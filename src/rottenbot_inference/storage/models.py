@@ -6,7 +6,18 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, Text, TypeDecorator, Uuid
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    Text,
+    TypeDecorator,
+    Uuid,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -66,6 +77,24 @@ class Prediction(Base):
         JSON().with_variant(JSONB(), "postgresql")
     )
 
+
+class Feedback(Base):
+    """The owner's correction of a saved prediction (migration 0002): at most one each."""
+
+    __tablename__ = "prediction_feedback"
+
+    prediction_uid: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("predictions.uid", ondelete="CASCADE"), primary_key=True
+    )
+    user_uid: Mapped[uuid.UUID] = mapped_column(Uuid)
+    correct_class: Mapped[int] = mapped_column(Integer)
+    correct_class_name: Mapped[str] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(Text)
+    agreed: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+Index("ix_prediction_feedback_model_version_updated", Feedback.model_version, Feedback.updated_at)
 
 
 # History: WHERE user_uid = ? [AND predicted_class_name = ?] ORDER BY created_at DESC, uid DESC

@@ -59,6 +59,27 @@ class PredictionRecord:
         return cls(**{f.name: mapping[f.name] for f in dataclasses.fields(cls)})
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class FeedbackRecord:
+    """What the owner says a saved prediction really shows."""
+
+    prediction_uid: uuid.UUID
+    user_uid: uuid.UUID
+    correct_class: int
+    correct_class_name: str
+    model_version: str | None
+    agreed: bool  # the correct class is the predicted one
+    updated_at: dt.datetime  # aware, UTC
+
+    def to_row(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_row(cls, row: Any) -> FeedbackRecord:
+        mapping = row._mapping if hasattr(row, "_mapping") else row
+        return cls(**{f.name: mapping[f.name] for f in dataclasses.fields(cls)})
+
+
 def object_key(user_uid: uuid.UUID, created_at: dt.datetime, uid: uuid.UUID, extension: str) -> str:
     """`<user_uid>/<yyyy>/<mm>/<dd>/<prediction_uid>.<ext>`: ours, never the client's filename.
 

@@ -31,7 +31,13 @@ from rottenbot_inference.settings import Settings
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
 from rottenbot_inference.storage.images import ImageStore, ImageStoreError, StoredImage
 from rottenbot_inference.storage.outbox import Outbox, OutboxError
-from rottenbot_inference.storage.records import STORED_TOP_K, PredictionRecord, object_key
+from rottenbot_inference.storage.records import (
+    STORED_TOP_K,
+    FeedbackRecord,
+    PredictionRecord,
+    object_key,
+)
+from rottenbot_inference.telemetry import metrics
 from rottenbot_inference.telemetry.tracing import current_span_context, traced
 
 if TYPE_CHECKING:
@@ -60,10 +66,15 @@ class InvalidCursor(ValueError):
     pass
 
 
+class PredictionPending(Exception):
+    """Feedback on a save still in the outbox (a 409: retry once it is stored, in seconds)."""
+
+
 @dataclass(frozen=True)
 class SavedPrediction:
     record: PredictionRecord
     pending: bool  # still in the outbox (not yet in the database)
+    feedback: FeedbackRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,7 @@ class PredictionStore:
         self._hurry_event = asyncio.Event()
         self._refusing: str | None = None  # why saves are being refused, if they are
         self._opening: asyncio.Task[None] | None = None  # retrying an outbox that failed to open
+        self.accuracy = metrics.AccuracyWindow()  # online accuracy by model version (feedback)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -363,7 +375,11 @@ class PredictionStore:
         after = decode_cursor(cursor) if cursor else None
         async with self._database() as repository:
             stored = await repository.page(user_uid, limit + 1, after, class_name)
-        merged = {record.uid: SavedPrediction(record, pending=False) for record in stored}
+            feedback = await repository.feedback_for([record.uid for record in stored])
+        merged = {
+            record.uid: SavedPrediction(record, pending=False, feedback=feedback.get(record.uid))
+            for record in stored
+        }
         for entry in self.outbox.entries():
             record = entry.record
             if (
@@ -384,7 +400,65 @@ class PredictionStore:
             return SavedPrediction(entry.record, pending=True)
         async with self._database() as repository:
             record = await repository.get(user_uid, uid)
-        return None if record is None else SavedPrediction(record, pending=False)
+            if record is None:
+                return None
+            feedback = (await repository.feedback_for([uid])).get(uid)
+        return SavedPrediction(record, pending=False, feedback=feedback)
+
+    async def set_feedback(
+        self, user_uid: uuid.UUID, uid: uuid.UUID, correct_class: int, correct_class_name: str
+    ) -> FeedbackRecord | None:
+        """Record (or replace) what the owner says the prediction shows; None: no such
+        prediction for this user. Idempotent: the same class again changes nothing.
+
+        Raises PredictionPending while the save is still in the outbox: the feedback row refers
+        to the stored prediction, and the outbox is the lead's durable queue of saves only.
+        """
+        self._refuse_pending(user_uid, uid)
+        async with self._database() as repository:
+            record = await repository.get(user_uid, uid)
+            if record is None:
+                return None
+            feedback = FeedbackRecord(
+                prediction_uid=uid,
+                user_uid=user_uid,
+                correct_class=correct_class,
+                correct_class_name=correct_class_name,
+                model_version=record.model_version,
+                agreed=correct_class_name == record.predicted_class_name,
+                updated_at=dt.datetime.now(dt.UTC),
+            )
+            try:
+                previous = await repository.set_feedback(feedback)
+            except LookupError:  # deleted meanwhile
+                return None
+        if previous is not None and previous.correct_class_name == correct_class_name:
+            return previous  # unchanged: the stored one (and its time) stands
+        metrics.record_feedback(feedback.model_version, feedback.agreed)
+        self.accuracy.add(feedback.model_version, uid, feedback.agreed)
+        return feedback
+
+    async def delete_feedback(self, user_uid: uuid.UUID, uid: uuid.UUID) -> bool:
+        """Retract the feedback (idempotent); False: no such prediction for this user."""
+        self._refuse_pending(user_uid, uid)
+        async with self._database() as repository:
+            if await repository.get(user_uid, uid) is None:
+                return False
+            removed = await repository.delete_feedback(user_uid, uid)
+        if removed is not None:
+            self.accuracy.remove(uid)
+        return True
+
+    async def feedback_stats(self, model_version: str) -> tuple[int, int]:
+        """(feedback received, agreeing) for a model version, from the database."""
+        async with self._database() as repository:
+            await self.ensure_schema()  # asked before the first save was drained
+            return await repository.feedback_stats(model_version)
+
+    def _refuse_pending(self, user_uid: uuid.UUID, uid: uuid.UUID) -> None:
+        entry = self.outbox.get(uid)
+        if entry is not None and entry.record.user_uid == user_uid:
+            raise PredictionPending(str(uid))
 
     async def open_image(self, user_uid: uuid.UUID, uid: uuid.UUID) -> StoredImage | None:
         """The saved image (from the outbox while pending), or None."""
@@ -432,7 +506,8 @@ class PredictionStore:
             return False
         await self._images("delete", record.image_path)
         async with self._database() as repository:
-            await repository.delete(user_uid, uid)
+            await repository.delete(user_uid, uid)  # and its feedback
+        self.accuracy.remove(uid)
         return True
 
     # --- helpers ---------------------------------------------------------------------------

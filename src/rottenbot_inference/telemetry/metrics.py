@@ -12,7 +12,10 @@ Every data point carries `service_name` (the existing Grafana dashboard filters 
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +117,59 @@ confidence = _meter.create_histogram(
     description="Confidence of the predicted class, by class and model version",
     explicit_bucket_boundaries_advisory=CONFIDENCE_BUCKETS,
 )
+
+# --- feedback: is the model right? (per model version) ----------------------------------------
+FEEDBACK_WINDOW = 500  # the online accuracy gauge covers each version's latest this many
+UNKNOWN_VERSION = "unknown"  # rows written by the previous service carry no model version
+
+feedback_received = _meter.create_counter(
+    "inference_feedback_total", unit="1",
+    description="Feedback given or changed by owners of saved predictions, by model version "
+    "and whether the correct class agreed with the prediction (agreed=true|false)",
+)
+
+
+class AccuracyWindow:
+    """Per model version, the agreement of its latest FEEDBACK_WINDOW feedbacks (by prediction:
+    a changed feedback replaces its earlier one, a retracted one leaves). In-process: each
+    replica sees the feedback it handled since it started; the database has all of it."""
+
+    def __init__(self, size: int = FEEDBACK_WINDOW) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._versions: dict[str, OrderedDict[uuid.UUID, bool]] = {}
+
+    def add(self, model_version: str | None, uid: uuid.UUID, agreed: bool) -> None:
+        version = model_version or UNKNOWN_VERSION
+        with self._lock:
+            self._drop(uid)
+            window = self._versions.setdefault(version, OrderedDict())
+            window[uid] = agreed
+            while len(window) > self.size:
+                window.popitem(last=False)
+
+    def remove(self, uid: uuid.UUID) -> None:
+        with self._lock:
+            self._drop(uid)
+
+    def _drop(self, uid: uuid.UUID) -> None:
+        for window in self._versions.values():
+            window.pop(uid, None)
+
+    def accuracy(self) -> dict[str, tuple[float, int]]:
+        """version -> (share of agreeing feedback, feedbacks in the window); empty ones left out."""
+        with self._lock:
+            return {
+                version: (sum(window.values()) / len(window), len(window))
+                for version, window in self._versions.items()
+                if window
+            }
+
+
+def record_feedback(model_version: str | None, agreed: bool) -> None:
+    """Feedback given or changed (the caller keeps its AccuracyWindow up to date)."""
+    version = model_version or UNKNOWN_VERSION
+    feedback_received.add(1, _labels(model_version=version, agreed=str(agreed).lower()))
 
 
 # --- observed state (gauges read at collection time) ---------------------------------------
@@ -298,6 +354,29 @@ _meter.create_observable_counter(
     "inference_outbox_refused_total", [_observe(_outbox_refused)], unit="{request}",
     description="Saves refused with 503, by reason (items, bytes, disk_reserve, disk_full, "
     "read_only, closed, error)",
+)
+
+
+def _online_accuracy(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        for version, (share, _count) in state.predictions.accuracy.accuracy().items():
+            yield Observation(share, _labels(model_version=version))
+
+
+def _window_size(state: AppState) -> Iterable[Observation]:
+    if state.predictions is not None:
+        for version, (_share, count) in state.predictions.accuracy.accuracy().items():
+            yield Observation(count, _labels(model_version=version))
+
+
+_meter.create_observable_gauge(
+    "inference_feedback_accuracy", [_observe(_online_accuracy)], unit="1",
+    description=f"Share of feedback agreeing with the prediction, per model version, over its "
+    f"latest {FEEDBACK_WINDOW} feedbacks on this replica (online accuracy)",
+)
+_meter.create_observable_gauge(
+    "inference_feedback_window", [_observe(_window_size)], unit="{feedback}",
+    description="Feedbacks the online accuracy gauge covers now, per model version",
 )
 
 
