@@ -16,17 +16,21 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # --- the model to bake into `with-model`: replaced with --build-context model=DIR ---------------
 FROM scratch AS model
 
-# --- builder: a virtual environment with the locked runtime dependencies and the service -------
-FROM ${PYTHON_IMAGE} AS builder
+# --- deps: a virtual environment with the locked runtime dependencies ---------------------------
+# (its own stage so that `deps-keras` below does not depend on src/: TensorFlow's layer is
+# reused while only the service's code changes)
+FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies first: this layer is rebuilt only when the lock changes.
 COPY requirements/runtime.txt requirements/runtime.txt
 RUN pip install -r requirements/runtime.txt
+
+# --- builder: + the service ----------------------------------------------------------------------
+FROM deps AS builder
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install --no-deps . \
@@ -40,10 +44,16 @@ FROM builder AS slim
 COPY scripts/slim_venv.py /tmp/slim_venv.py
 RUN python /tmp/slim_venv.py /opt/venv
 
-# --- builder-keras: + TensorFlow, tf2onnx, onnx at the versions the test lock pins --------------
-FROM builder AS builder-keras
+# --- deps-keras: + TensorFlow, tf2onnx, onnx at the versions the test lock pins ---------------
+FROM deps AS deps-keras
 COPY requirements/test.txt requirements/test.txt
 RUN pip install -c requirements/test.txt tensorflow-cpu tf2onnx onnx
+
+# --- builder-keras: + the service -----------------------------------------------------------------
+FROM deps-keras AS builder-keras
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-deps .
 
 # --- converter: the model from the `model` context, with its ONNX conversion beside it ---------
 FROM builder-keras AS converter

@@ -99,13 +99,17 @@ def test_dockerfile_stages_keep_tensorflow_and_root_out_of_the_runtime() -> None
     assert "slim_venv.py" in " ".join(by_name["slim"].args("RUN"))
     for name in ("runtime", "with-model"):
         assert "--from=slim /opt/venv /opt/venv" in by_name[name].args("COPY")
-    builder = " ".join(by_name["builder"].args("RUN") + by_name["builder"].args("COPY"))
+    assert (by_name["builder"].base, by_name["deps"].base) == ("deps", "${PYTHON_IMAGE}")
+    builder = " ".join(rest for name in ("deps", "builder") for instruction in ("RUN", "COPY")
+                       for rest in by_name[name].args(instruction))
     assert "requirements/runtime.txt" in builder and "test.txt" not in builder
     runtime_lock = (REPO / "requirements" / "runtime.txt").read_text()
     for package in ("tensorflow", "keras", "tf2onnx"):
         assert not re.search(rf"^{package}[-a-z]*==", runtime_lock, re.M), package
     # Only the converter path brings TensorFlow in, and `with-model` takes just its /model.
-    assert "tensorflow-cpu" in " ".join(by_name["builder-keras"].args("RUN"))
+    assert by_name["builder-keras"].base == "deps-keras"
+    assert by_name["deps-keras"].base == "deps"
+    assert "tensorflow-cpu" in " ".join(by_name["deps-keras"].args("RUN"))
     assert "--from=converter /model /opt/model" in by_name["with-model"].args("COPY")
     # Everything the build COPYs from the context survives .dockerignore.
     kept = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
