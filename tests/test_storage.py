@@ -1,14 +1,11 @@
-"""Saved predictions with the embedded defaults (SQLite + a local folder), and storage units:
-the durable outbox, the drainer's retries, migrations, cursors. No external servers."""
+"""Saved predictions with the embedded defaults (SQLite + a local folder), migrations and cursors.
+No external servers. The outbox and the drainer alone: tests/test_outbox.py, test_drainer.py."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
-import random
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +16,8 @@ from sqlalchemy.engine import make_url
 
 from rottenbot_inference.storage.db import (
     VERSION_TABLE,
-    PredictionRepository,
-    create_engine,
     migrate,
 )
-from rottenbot_inference.storage.drainer import Drainer, backoff_s
-from rottenbot_inference.storage.images import ImageStoreError, LocalImageStore
-from rottenbot_inference.storage.outbox import Outbox, OutboxFull
 from rottenbot_inference.storage.records import PredictionRecord, object_key
 from rottenbot_inference.storage.service import InvalidCursor, decode_cursor, encode_cursor
 from tests.helpers import auth, free_port, jpeg_bytes, png_bytes, random_photo
@@ -40,172 +32,6 @@ def record(user: uuid.UUID | None = None, name: str = "Class01__Rotten") -> Pred
         predicted_class=1, predicted_class_name=name, confidence=0.5, model_version="v1",
         content_type="image/jpeg", image_format="jpeg",
     )
-
-
-# --- the outbox ------------------------------------------------------------------------------
-
-
-def test_outbox_group_commits_and_survives_reopen(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        outbox = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
-        await outbox.open()
-        records = [record() for _ in range(60)]
-        await asyncio.gather(*(outbox.add(r, r.uid.bytes * 100) for r in records))
-        assert outbox.backlog == 60
-        # Concurrent adds share transactions (one fsync for many requests).
-        assert 1 <= outbox.transactions < 60
-        assert outbox.oldest_age_s >= 0
-        await outbox.close()
-
-        reopened = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
-        await reopened.open()
-        assert [e.uid for e in reopened.entries()] == [r.uid for r in records] or {
-            e.uid for e in reopened.entries()
-        } == {r.uid for r in records}
-        assert reopened.get(records[0].uid).record == records[0]  # type: ignore[union-attr]
-        images = await reopened.load_images([records[5].uid])
-        assert images[records[5].uid] == records[5].uid.bytes * 100
-        await reopened.remove([r.uid for r in records[:50]])
-        await reopened.close()
-
-        third = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
-        await third.open()
-        assert {e.uid for e in third.entries()} == {r.uid for r in records[50:]}
-        await third.close()
-
-    asyncio.run(scenario())
-
-
-def test_outbox_is_bounded_by_items_and_bytes(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        outbox = Outbox(tmp_path / "a", max_items=2, max_bytes=10**6)
-        await outbox.open()
-        await outbox.add(record(), b"x")
-        await outbox.add(record(), b"x")
-        with pytest.raises(OutboxFull):
-            await outbox.add(record(), b"x")
-        await outbox.remove([next(outbox.entries()).uid])
-        await outbox.add(record(), b"x")  # room again once drained
-        await outbox.close()
-
-        by_bytes = Outbox(tmp_path / "b", max_items=100, max_bytes=1000)
-        await by_bytes.open()
-        await by_bytes.add(record(), b"x" * 600)
-        with pytest.raises(OutboxFull):
-            await by_bytes.add(record(), b"x" * 600)
-        await by_bytes.close()
-
-    asyncio.run(scenario())
-
-
-def test_outbox_adopts_items_of_slots_no_process_holds(tmp_path: Path) -> None:
-    """Two workers had their own files; a single process started later drains both."""
-
-    async def scenario() -> None:
-        folder = tmp_path / "outbox"
-        first, second = Outbox(folder, 100, 10**6), Outbox(folder, 100, 10**6)
-        await first.open()
-        await second.open()
-        assert first.path != second.path  # each process its own slot
-        a = [record() for _ in range(3)]
-        b = [record() for _ in range(2)]
-        for r in a:
-            await first.add(r, b"a")
-        for r in b:
-            await second.add(r, b"b")
-        await first.close()
-        await second.close()
-
-        alone = Outbox(folder, 100, 10**6)
-        await alone.open()
-        assert {e.uid for e in alone.entries()} == {r.uid for r in a + b}
-        assert len(list(folder.glob("outbox-*.sqlite3"))) == 1
-        await alone.close()
-
-    asyncio.run(scenario())
-
-
-def test_outbox_gives_the_space_of_drained_images_back(tmp_path: Path) -> None:
-    """Images are files beside the records: a removal frees their bytes at once."""
-
-    def used(folder: Path) -> int:
-        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-    async def scenario() -> None:
-        outbox = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
-        await outbox.open()
-        records = [record() for _ in range(300)]
-        await asyncio.gather(*(outbox.add(r, random.randbytes(50_000)) for r in records))
-        assert used(tmp_path / "outbox") > 15_000_000
-        assert outbox.path is not None and outbox.path.stat().st_size < 2_000_000
-        for start in range(0, 300, 30):
-            await outbox.remove([r.uid for r in records[start : start + 30]])
-        assert list((tmp_path / "outbox" / "images").iterdir()) == []
-        await outbox.close()
-        assert outbox.backlog == 0 and used(tmp_path / "outbox") < 6_000_000
-
-    asyncio.run(scenario())
-
-
-def test_backoff_is_exponential_jittered_and_capped() -> None:
-    rng = random.Random(1)
-    for attempts in range(1, 30):
-        delay = backoff_s(attempts, 0.5, 30.0, rng)
-        ceiling = min(30.0, 0.5 * 2 ** (attempts - 1))
-        assert ceiling / 2 <= delay <= ceiling
-    assert len({round(backoff_s(8, 0.5, 30.0, rng), 6) for _ in range(20)}) > 1
-
-
-class FlakyStore(LocalImageStore):
-    """Fails the first `failures` uploads, like an image store that is down for a while."""
-
-    def __init__(self, root: Path, failures: int) -> None:
-        super().__init__(root)
-        self.failures = failures
-        self.calls = 0
-
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise ImageStoreError("store down")
-        super().put(key, data, content_type)
-
-
-def test_drainer_retries_with_backoff_until_the_store_recovers(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        url = make_url(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}")
-        await migrate(url)
-        engine = create_engine(url)
-        repository = PredictionRepository(engine)
-        outbox = Outbox(tmp_path / "outbox", 100, 10**8)
-        await outbox.open()
-        store = FlakyStore(tmp_path / "images", failures=5)
-        executor = ThreadPoolExecutor(4)
-        drainer = Drainer(outbox, executor, batch_size=4, retry_base_s=0.01, retry_max_s=0.05)
-        drainer.attach(store, repository)
-        drainer.start()
-        records = [record() for _ in range(10)]
-        for r in records:
-            await outbox.add(r, r.uid.bytes)
-        for _ in range(600):
-            if outbox.backlog == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert outbox.backlog == 0
-        assert drainer.failures >= 5 and drainer.drained == 10
-        assert await repository.count() == 10
-        for r in records:
-            assert (tmp_path / "images" / r.image_path).read_bytes() == r.uid.bytes
-        # Re-draining the same items (a crash between insert and outbox delete) adds nothing.
-        assert await repository.insert_many(records) == 0
-        await drainer.stop(1)
-        await outbox.close()
-        await engine.dispose()
-        executor.shutdown()
-
-    asyncio.run(scenario())
 
 
 # --- migrations, cursors -----------------------------------------------------------------------
@@ -434,74 +260,3 @@ def test_pending_saves_are_visible_deletable_and_survive_a_restart(
     for uid in uids:
         assert list((tmp_path / "data" / "images").rglob(f"{uid}.jpg"))
     assert restarted.delete(f"{PREDICTIONS}/{uids[0]}", headers=auth(user)).status_code == 204
-
-
-def test_an_add_is_durable_before_it_returns(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The promise behind a 200 for a save, checked where `kill -9` tests cannot see it (the
-    kernel keeps written pages across a process kill, not across a power cut): before `add`
-    returns, the image file and its folder have been fsynced and the record committed on a
-    connection in WAL mode with synchronous=FULL (SQLite fsyncs the WAL at each commit)."""
-    fsynced: list[str] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-
-    async def scenario() -> None:
-        outbox = Outbox(tmp_path / "outbox", max_items=100, max_bytes=10**9)
-        await outbox.open()
-        images = (tmp_path / "outbox" / "images").resolve()
-        for _ in range(3):
-            saved = record()
-            fsynced.clear()
-            await outbox.add(saved, b"image bytes")
-            assert str(images / str(saved.uid)) in fsynced  # the file's bytes
-            assert str(images) in fsynced  # its name in the folder
-            writer = outbox._writer  # the connection the commit ran on
-            assert writer is not None and writer.connection is not None
-            assert writer.connection.execute("PRAGMA synchronous").fetchone()[0] >= 2  # FULL
-            assert writer.connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            # ... and the row is there for any other connection to read (committed).
-            with sqlite3.connect(outbox.path) as other:
-                assert other.execute(
-                    "SELECT count(*) FROM items WHERE uid = ?", (str(saved.uid),)
-                ).fetchone()[0] == 1
-        await outbox.close()
-
-    asyncio.run(scenario())
-
-
-def test_outbox_start_drops_drained_rows_and_stray_files(tmp_path: Path) -> None:
-    """What a crash can leave behind is tidied at the next start: a record whose image file is
-    gone was drained (files are only unlinked after the drain) and is dropped; an old image
-    file no record names (an add that never committed) is deleted; pending saves are kept."""
-
-    async def scenario() -> None:
-        folder = tmp_path / "outbox"
-        outbox = Outbox(folder, 100, 10**6)
-        await outbox.open()
-        kept, drained = record(), record()
-        await outbox.add(kept, b"kept")
-        await outbox.add(drained, b"drained")
-        await outbox.close()
-        (folder / "images" / str(drained.uid)).unlink()  # unlinked, row delete never committed
-        stray = folder / "images" / str(uuid.uuid4())
-        stray.write_bytes(b"never committed")
-        fresh = folder / "images" / str(uuid.uuid4())
-        fresh.write_bytes(b"maybe a live writer's, about to commit")
-        an_hour_ago = time.time() - 3600
-        os.utime(stray, (an_hour_ago, an_hour_ago))
-
-        reopened = Outbox(folder, 100, 10**6)
-        await reopened.open()
-        assert [e.uid for e in reopened.entries()] == [kept.uid]
-        assert (await reopened.load_images([kept.uid])) == {kept.uid: b"kept"}
-        assert not stray.exists() and fresh.exists()
-        await reopened.close()
-
-    asyncio.run(scenario())

@@ -1,0 +1,601 @@
+"""The durable outbox on its own (storage/outbox*.py), with no server: bounds and refusals, group
+commit and durability, the image files, the free-space budget and ballast, slots and what a
+start tidies. Fast: these are the tests scripts/mutation.sh runs against the outbox modules.
+Its behaviour on real full, read-only and power-cut volumes: test_outbox_disk.py,
+test_power_cut.py."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import errno
+import json
+import logging
+import os
+import random
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rottenbot_inference.storage.outbox import (
+    Outbox,
+    OutboxClosed,
+    OutboxError,
+    OutboxFull,
+    OutboxVolumeError,
+    _volume_error,
+)
+from rottenbot_inference.storage.outbox_disk import (
+    DiskBudget,
+    SpoolFiles,
+    is_disk_full,
+    is_read_only,
+)
+from rottenbot_inference.storage.records import PredictionRecord, object_key
+
+
+def record(user: uuid.UUID | None = None, name: str = "Class01__Rotten") -> PredictionRecord:
+    uid, user = uuid.uuid4(), user or uuid.uuid4()
+    now = dt.datetime.now(dt.UTC)
+    return PredictionRecord(
+        uid=uid, user_uid=user, created_at=now, image_path=object_key(user, now, uid, "jpg"),
+        predicted_class=1, predicted_class_name=name, confidence=0.5, model_version="v1",
+        content_type="image/jpeg", image_format="jpeg",
+    )
+
+
+def run(coroutine) -> None:  # type: ignore[no-untyped-def]
+    asyncio.run(coroutine)
+
+
+def test_outbox_group_commits_and_survives_reopen(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
+        await outbox.open()
+        records = [record() for _ in range(60)]
+        await asyncio.gather(*(outbox.add(r, r.uid.bytes * 100) for r in records))
+        assert outbox.backlog == 60
+        # Concurrent adds share transactions (one fsync for many requests).
+        assert 1 <= outbox.transactions < 60
+        assert outbox.oldest_age_s >= 0
+        await outbox.close()
+
+        reopened = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
+        await reopened.open()
+        assert [e.uid for e in reopened.entries()] == [r.uid for r in records] or {
+            e.uid for e in reopened.entries()
+        } == {r.uid for r in records}
+        assert reopened.get(records[0].uid).record == records[0]  # type: ignore[union-attr]
+        images = await reopened.load_images([records[5].uid])
+        assert images[records[5].uid] == records[5].uid.bytes * 100
+        await reopened.remove([r.uid for r in records[:50]])
+        await reopened.close()
+
+        third = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
+        await third.open()
+        assert {e.uid for e in third.entries()} == {r.uid for r in records[50:]}
+        await third.close()
+
+    asyncio.run(scenario())
+
+
+def test_outbox_is_bounded_by_items_and_bytes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "a", max_items=2, max_bytes=10**6)
+        await outbox.open()
+        await outbox.add(record(), b"x")
+        await outbox.add(record(), b"x")
+        with pytest.raises(OutboxFull):
+            await outbox.add(record(), b"x")
+        await outbox.remove([next(outbox.entries()).uid])
+        await outbox.add(record(), b"x")  # room again once drained
+        await outbox.close()
+
+        by_bytes = Outbox(tmp_path / "b", max_items=100, max_bytes=1000)
+        await by_bytes.open()
+        await by_bytes.add(record(), b"x" * 600)
+        with pytest.raises(OutboxFull):
+            await by_bytes.add(record(), b"x" * 600)
+        await by_bytes.close()
+
+    asyncio.run(scenario())
+
+
+def test_outbox_adopts_items_of_slots_no_process_holds(tmp_path: Path) -> None:
+    """Two workers had their own files; a single process started later drains both."""
+
+    async def scenario() -> None:
+        folder = tmp_path / "outbox"
+        first, second = Outbox(folder, 100, 10**6), Outbox(folder, 100, 10**6)
+        await first.open()
+        await second.open()
+        assert first.path != second.path  # each process its own slot
+        a = [record() for _ in range(3)]
+        b = [record() for _ in range(2)]
+        for r in a:
+            await first.add(r, b"a")
+        for r in b:
+            await second.add(r, b"b")
+        await first.close()
+        await second.close()
+
+        alone = Outbox(folder, 100, 10**6)
+        await alone.open()
+        assert {e.uid for e in alone.entries()} == {r.uid for r in a + b}
+        assert len(list(folder.glob("outbox-*.sqlite3"))) == 1
+        await alone.close()
+
+    asyncio.run(scenario())
+
+
+def test_outbox_gives_the_space_of_drained_images_back(tmp_path: Path) -> None:
+    """Images are files beside the records: a removal frees their bytes at once."""
+
+    def used(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
+        await outbox.open()
+        records = [record() for _ in range(300)]
+        await asyncio.gather(*(outbox.add(r, random.randbytes(50_000)) for r in records))
+        assert used(tmp_path / "outbox") > 15_000_000
+        assert outbox.path is not None and outbox.path.stat().st_size < 2_000_000
+        for start in range(0, 300, 30):
+            await outbox.remove([r.uid for r in records[start : start + 30]])
+        assert list((tmp_path / "outbox" / "images").iterdir()) == []
+        await outbox.close()
+        assert outbox.backlog == 0 and used(tmp_path / "outbox") < 6_000_000
+
+    asyncio.run(scenario())
+
+
+def test_an_add_is_durable_before_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The promise behind a 200 for a save, checked where `kill -9` tests cannot see it (the
+    kernel keeps written pages across a process kill, not across a power cut): before `add`
+    returns, the image file and its folder have been fsynced and the record committed on a
+    connection in WAL mode with synchronous=FULL (SQLite fsyncs the WAL at each commit)."""
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", max_items=100, max_bytes=10**9)
+        await outbox.open()
+        images = (tmp_path / "outbox" / "images").resolve()
+        for _ in range(3):
+            saved = record()
+            fsynced.clear()
+            await outbox.add(saved, b"image bytes")
+            assert str(images / str(saved.uid)) in fsynced  # the file's bytes
+            assert str(images) in fsynced  # its name in the folder
+            writer = outbox._writer  # the connection the commit ran on
+            assert writer is not None and writer.connection is not None
+            assert writer.connection.execute("PRAGMA synchronous").fetchone()[0] >= 2  # FULL
+            assert writer.connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            # ... and the row is there for any other connection to read (committed).
+            with sqlite3.connect(outbox.path) as other:
+                assert other.execute(
+                    "SELECT count(*) FROM items WHERE uid = ?", (str(saved.uid),)
+                ).fetchone()[0] == 1
+        await outbox.close()
+
+    asyncio.run(scenario())
+
+
+def test_outbox_start_drops_drained_rows_and_stray_files(tmp_path: Path) -> None:
+    """What a crash can leave behind is tidied at the next start: a record whose image file is
+    gone was drained (files are only unlinked after the drain) and is dropped; an old image
+    file no record names (an add that never committed) is deleted; pending saves are kept."""
+
+    async def scenario() -> None:
+        folder = tmp_path / "outbox"
+        outbox = Outbox(folder, 100, 10**6)
+        await outbox.open()
+        kept, drained = record(), record()
+        await outbox.add(kept, b"kept")
+        await outbox.add(drained, b"drained")
+        await outbox.close()
+        (folder / "images" / str(drained.uid)).unlink()  # unlinked, row delete never committed
+        stray = folder / "images" / str(uuid.uuid4())
+        stray.write_bytes(b"never committed")
+        fresh = folder / "images" / str(uuid.uuid4())
+        fresh.write_bytes(b"maybe a live writer's, about to commit")
+        an_hour_ago = time.time() - 3600
+        os.utime(stray, (an_hour_ago, an_hour_ago))
+
+        reopened = Outbox(folder, 100, 10**6)
+        await reopened.open()
+        assert [e.uid for e in reopened.entries()] == [kept.uid]
+        assert (await reopened.load_images([kept.uid])) == {kept.uid: b"kept"}
+        assert not stray.exists() and fresh.exists()
+        await reopened.close()
+
+    asyncio.run(scenario())
+
+
+# --- refusals: every reason, its message and its count ------------------------------------------
+
+
+def test_refusals_are_counted_by_reason_with_a_clear_message(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        items = Outbox(tmp_path / "items", max_items=1, max_bytes=10**6)
+        await items.open()
+        await items.add(record(), b"x")
+        with pytest.raises(OutboxFull, match="Too many saved predictions") as full:
+            await items.add(record(), b"x")
+        assert full.value.reason == "items" and items.refused == {"items": 1}
+        await items.close()
+        with pytest.raises(OutboxClosed, match="shutting down") as closed:
+            await items.add(record(), b"x")
+        assert closed.value.reason == "closed" and items.refused["closed"] == 1
+
+        by_bytes = Outbox(tmp_path / "bytes", max_items=10, max_bytes=10)
+        await by_bytes.open()
+        await by_bytes.add(record(), b"x" * 10)  # exactly at the bound: accepted
+        with pytest.raises(OutboxFull, match="fill the spool") as full:
+            await by_bytes.add(record(), b"x")
+        assert full.value.reason == "bytes" and by_bytes.refused == {"bytes": 1}
+        assert by_bytes.backlog == 1 and by_bytes.backlog_bytes == 10
+        await by_bytes.close()
+
+        reserve = Outbox(tmp_path / "disk", 10, 10**9, min_free_bytes=2**62)
+        await reserve.open()
+        with pytest.raises(OutboxFull, match="nearly full") as full:
+            await reserve.add(record(), b"x")
+        assert full.value.reason == "disk_reserve" and reserve.refused == {"disk_reserve": 1}
+        assert reserve.backlog == 0
+        await reserve.close()
+
+    run(scenario())
+
+
+def test_the_bound_is_released_by_removals_and_failed_adds(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", max_items=2, max_bytes=100)
+        await outbox.open()
+        first, second = record(), record()
+        await outbox.add(first, b"a" * 50)
+        await outbox.add(second, b"b" * 50)
+        await outbox.remove([uuid.uuid4()])  # not there: nothing happens
+        assert outbox.backlog == 2
+        await outbox.remove([first.uid])
+        assert outbox.get(first.uid) is None and outbox.backlog_bytes == 50
+        await outbox.add(record(), b"c" * 50)  # the room it left is usable again
+        # A failed add gives its room back too.
+        images = tmp_path / "outbox" / "images"
+        images.rename(tmp_path / "moved")
+        images.write_bytes(b"not a folder")  # the next image file cannot be written
+        with pytest.raises(OutboxError):
+            await outbox.add(record(), b"d")
+        images.unlink()
+        (tmp_path / "moved").rename(images)
+        await outbox.remove([second.uid])
+        await outbox.add(record(), b"e" * 50)
+        assert outbox.backlog == 2
+        await outbox.close()
+
+    run(scenario())
+
+
+def test_a_failed_write_fails_only_its_save_and_the_writer_goes_on(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**9)
+        await outbox.open()
+        images = tmp_path / "outbox" / "images"
+        images.rename(tmp_path / "moved")
+        images.write_bytes(b"")
+        failed = record()
+        with pytest.raises(OutboxError, match="could not store"):
+            await outbox.add(failed, b"lost")
+        assert outbox.refused["error"] == 1 and outbox.get(failed.uid) is None
+        images.unlink()
+        (tmp_path / "moved").rename(images)
+        ok = record()
+        await outbox.add(ok, b"kept")  # the writer thread survived
+        assert [e.uid for e in outbox.entries()] == [ok.uid]
+        await outbox.close()
+        with sqlite3.connect(outbox.path) as conn:
+            assert conn.execute("SELECT uid FROM items").fetchall() == [(str(ok.uid),)]
+
+    run(scenario())
+
+
+def test_volume_errors_name_their_reason() -> None:
+    full = _volume_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(full, OutboxVolumeError) and full.reason == "disk_full"
+    assert "full" in str(full)
+    read_only = _volume_error(OSError(errno.EROFS, "Read-only file system"))
+    assert read_only.reason == "read_only" and "read-only" in str(read_only)
+    other = _volume_error(OSError(errno.EIO, "I/O error"))
+    assert type(other) is OutboxError and other.reason == "error"
+    assert _volume_error(None).reason == "error"
+
+
+def test_an_outbox_that_cannot_open_refuses_with_the_reason_until_it_can(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        blocker = tmp_path / "outbox"
+        blocker.write_bytes(b"a file where the folder should be")
+        outbox = Outbox(blocker, 10, 10**6)
+        with pytest.raises(OSError):
+            await outbox.open()
+        assert outbox.unavailable is not None
+        with pytest.raises(OutboxError) as refused:
+            await outbox.add(record(), b"x")
+        assert refused.value is outbox.unavailable
+        blocker.unlink()
+        await outbox.open()
+        assert outbox.unavailable is None
+        await outbox.add(record(), b"x")
+        assert outbox.backlog == 1
+        await outbox.close()
+
+    run(scenario())
+
+
+# --- the index ------------------------------------------------------------------------------------
+
+
+def test_index_properties_and_listeners(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        assert outbox.backlog == 0 and outbox.oldest_age_s == 0.0 and outbox.parked == 0
+        assert outbox.transactions == 0
+        woken: list[int] = []
+        outbox.add_listener(lambda: woken.append(1))
+        old = record()
+        await outbox.add(old, b"12345")
+        await outbox.add(record(), b"123")
+        assert woken == [1, 1]
+        assert outbox.backlog == 2 and outbox.backlog_bytes == 8 and outbox.transactions == 2
+        outbox.get(old.uid).enqueued_at -= 30  # type: ignore[union-attr]
+        assert 29 < outbox.oldest_age_s < 60
+        outbox.get(old.uid).parked = True  # type: ignore[union-attr]
+        assert outbox.parked == 1
+        snapshot = outbox.entries()
+        await outbox.remove([old.uid])
+        assert len(list(snapshot)) == 2  # a snapshot: safe while the outbox changes
+        free, size = outbox.volume_usage()
+        stat = os.statvfs(tmp_path)
+        assert size == stat.f_blocks * stat.f_frsize and 0 < free <= size
+        assert await outbox.load_images([]) == {}
+        assert await outbox.load_images([old.uid, uuid.uuid4()]) == {}
+        await outbox.close()
+        await outbox.close()  # twice is fine
+
+    run(scenario())
+
+
+def test_images_written_by_the_previous_version_inside_sqlite_are_still_read(
+    tmp_path: Path,
+) -> None:
+    """Outboxes written before images moved to files kept the bytes in the `image` column."""
+    from rottenbot_inference.storage import outbox_slots
+
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    legacy = record()
+    with sqlite3.connect(folder / "outbox-0.sqlite3") as conn:
+        conn.execute(outbox_slots.SCHEMA)
+        conn.execute(
+            "INSERT INTO items (uid, record, image, size, enqueued_at) VALUES (?, ?, ?, ?, ?)",
+            (str(legacy.uid), json.dumps(legacy.to_json()), b"old bytes", 9, 1.0),
+        )
+
+    async def scenario() -> None:
+        outbox = Outbox(folder, 100, 10**6)
+        await outbox.open()
+        assert [e.uid for e in outbox.entries()] == [legacy.uid]  # not mistaken for drained
+        assert await outbox.load_images([legacy.uid]) == {legacy.uid: b"old bytes"}
+        await outbox.remove([legacy.uid])
+        await outbox.close()
+        reopened = Outbox(folder, 100, 10**6)
+        await reopened.open()
+        assert reopened.backlog == 0
+        await reopened.close()
+
+    run(scenario())
+
+
+# --- the volume: files, budget, ballast -----------------------------------------------------------
+
+
+def test_disk_errors_are_recognised() -> None:
+    assert is_disk_full(OSError(errno.ENOSPC, "full")) and is_disk_full(OSError(errno.EDQUOT, "q"))
+    assert is_disk_full(sqlite3.OperationalError("database or disk is full"))
+    assert not is_disk_full(OSError(errno.EIO, "io")) and not is_disk_full(ValueError("full"))
+    assert not is_disk_full(sqlite3.OperationalError("disk I/O error"))
+    for code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        assert is_read_only(OSError(code, "no"))
+    assert is_read_only(sqlite3.OperationalError("attempt to write a readonly database"))
+    assert not is_read_only(OSError(errno.ENOSPC, "full")) and not is_read_only(ValueError("ro"))
+    assert not is_read_only(sqlite3.OperationalError("database is locked"))
+
+
+def test_spool_files_write_fsync_read_unlink_and_forget_orphans(tmp_path: Path) -> None:
+    files = SpoolFiles(tmp_path / "images")
+    files.open()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    assert files.write_many([(a, b"a" * 10)]) == [None]
+    assert files.write_many([(b, b"b" * 20), (uuid.uuid4(), b"c")]) == [None, None]
+    assert files.read(a) == b"a" * 10 and files.read(uuid.uuid4()) is None
+    assert files.exists(b) and not files.exists(uuid.uuid4())
+    assert (tmp_path / "images" / str(a)).stat().st_mode & 0o777 == 0o600
+    assert files.unlink_many([a, b, uuid.uuid4()]) == 30  # bytes freed; missing ones are fine
+    assert not files.exists(a)
+    old, fresh, named = (tmp_path / "images" / n for n in ("old", "fresh", "named"))
+    for path in (old, fresh, named):
+        path.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    for path in (old, named):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    remaining = {p.name for p in (tmp_path / "images").iterdir()} - {"old", "fresh", "named"}
+    assert files.remove_orphans({"named", *remaining}) == 1
+    assert not old.exists() and fresh.exists() and named.exists()
+    blocked = tmp_path / "images" / str(uuid.uuid4())
+    blocked.mkdir()  # a folder where the file should go: that write fails, alone
+    ok = uuid.uuid4()
+    results = files.write_many([(uuid.UUID(blocked.name), b"x"), (ok, b"y")])
+    assert isinstance(results[0], OSError) and results[1] is None and files.read(ok) == b"y"
+    files.close()
+
+
+def test_the_budget_keeps_the_larger_reserve_and_counts_pending_writes(tmp_path: Path) -> None:
+    budget = DiskBudget(tmp_path, min_free_bytes=1000, min_free_percent=0, ballast_bytes=0)
+    free, total = budget.usage()
+    stat = os.statvfs(tmp_path)
+    assert total == stat.f_blocks * stat.f_frsize and free > 0
+    assert budget.reserve_bytes(10**6) == 1000
+    assert DiskBudget(tmp_path, 1000, 10, 0).reserve_bytes(10**6) == 100_000
+    assert budget.room_for(0) and not budget.room_for(free)  # would cut into the reserve
+    room = free - 1000 - 10 * 1024 * 1024  # a margin for what others write meanwhile
+    assert budget.room_for(room) and not budget.room_for(room, pending=free)
+    assert not budget.exhausted()
+
+
+def test_the_ballast_is_made_when_there_is_room_and_released_on_demand(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    none = DiskBudget(tmp_path / "a", 0, 0, ballast_bytes=0)
+    assert none.ensure_ballast() is False and not none.ballast_present
+    (tmp_path / "b").mkdir()
+    budget = DiskBudget(tmp_path / "b", 0, 0, ballast_bytes=65536)
+    assert budget.release_ballast() is False and budget.ballast_releases == 0
+    assert budget.ensure_ballast() is True
+    assert budget.ballast_path.stat().st_size == 65536 and budget.ensure_ballast() is True
+    assert not budget.ballast_path.with_suffix(".tmp").exists()
+    with caplog.at_level(logging.WARNING):
+        assert budget.release_ballast() is True
+    assert budget.ballast_releases == 1 and not budget.ballast_present
+    assert "released 65536 bytes of ballast" in caplog.text
+    greedy = DiskBudget(tmp_path / "b", 2**62, 0, ballast_bytes=65536)
+    assert greedy.ensure_ballast() is False and not greedy.ballast_present  # no room for it
+
+
+def test_with_room_retries_once_after_releasing_the_ballast(tmp_path: Path) -> None:
+    budget = DiskBudget(tmp_path, 0, 0, ballast_bytes=4096)
+    budget.ensure_ballast()
+    calls: list[int] = []
+
+    def full_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return "done"
+
+    assert budget.with_room(full_once) == "done" and len(calls) == 2
+    assert budget.ballast_releases == 1
+    calls.clear()
+    with pytest.raises(OSError):  # no ballast left to release: the error stands
+        budget.with_room(full_once)
+    assert len(calls) == 1
+
+    def broken() -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    budget.ensure_ballast()
+    with pytest.raises(OSError):  # not for lack of space: the ballast is kept
+        budget.with_room(broken)
+    assert budget.ballast_present and budget.ballast_releases == 1
+
+
+def test_with_room_takes_an_io_error_on_an_exhausted_volume_for_lack_of_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reports a shared-memory file it cannot grow as "disk I/O error"."""
+    budget = DiskBudget(tmp_path, 0, 0, ballast_bytes=4096)
+    budget.ensure_ballast()
+    monkeypatch.setattr(DiskBudget, "usage", lambda self: (1024 * 1024 - 1, 10**9))
+    assert budget.exhausted()
+    attempts: list[int] = []
+
+    def io_error_once() -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return 7
+
+    assert budget.with_room(io_error_once) == 7 and budget.ballast_releases == 1
+    monkeypatch.setattr(DiskBudget, "usage", lambda self: (1024 * 1024, 10**9))
+    assert not budget.exhausted()
+
+
+def test_removals_the_volume_refuses_are_kept_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only volume refuses to unlink drained images: the removal still succeeds (the
+    items are drained), rows and files stay, and the next transaction finishes the job."""
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        drained, later = record(), record()
+        await outbox.add(drained, b"drained")
+        real_unlink = SpoolFiles.unlink_many
+        monkeypatch.setattr(SpoolFiles, "unlink_many", lambda self, uids: (_ for _ in ()).throw(
+            OSError(errno.EROFS, "Read-only file system")))
+        await outbox.remove([drained.uid])
+        assert outbox.get(drained.uid) is None and outbox.backlog_bytes == 0
+        with sqlite3.connect(outbox.path) as conn:
+            assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 1
+        assert (tmp_path / "outbox" / "images" / str(drained.uid)).exists()
+        monkeypatch.setattr(SpoolFiles, "unlink_many", real_unlink)
+        await outbox.add(later, b"later")  # the next transaction deletes what was left
+        with sqlite3.connect(outbox.path) as conn:
+            assert conn.execute("SELECT uid FROM items").fetchall() == [(str(later.uid),)]
+        assert not (tmp_path / "outbox" / "images" / str(drained.uid)).exists()
+        await outbox.close()
+
+    run(scenario())
+
+
+def test_a_full_volume_during_a_write_releases_the_ballast_and_the_save_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6, ballast_bytes=4096)
+        await outbox.open()
+        assert outbox.budget.ballast_present
+        real_write = SpoolFiles._write_one
+        failures = iter([OSError(errno.ENOSPC, "No space left on device")])
+
+        def write_once_full(self, uid, data):  # type: ignore[no-untyped-def]
+            error = next(failures, None)
+            return error if error is not None else real_write(self, uid, data)
+
+        monkeypatch.setattr(SpoolFiles, "_write_one", write_once_full)
+        saved = record()
+        await outbox.add(saved, b"made it")
+        assert outbox.budget.ballast_releases == 1
+        assert await outbox.load_images([saved.uid]) == {saved.uid: b"made it"}
+        await outbox.close()
+
+    run(scenario())
+
+
+def test_group_commits_cap_their_image_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rottenbot_inference.storage import outbox_writer
+
+    monkeypatch.setattr(outbox_writer, "_BATCH_BYTES", 1000)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        await asyncio.gather(*(outbox.add(record(), random.randbytes(600)) for _ in range(10)))
+        assert outbox.transactions >= 5  # at most two 600-byte images per commit
+        await outbox.close()
+
+    run(scenario())
