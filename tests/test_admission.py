@@ -64,6 +64,9 @@ def test_wait_estimate_defaults_to_one_admitted_request_and_can_be_off() -> None
     assert controller.refusal(interval_ms=101) == "queue_wait"
     controller.inflight = 0
     assert controller.refusal(interval_ms=1e9) is None  # nobody ahead
+    small = AdmissionController(max_inflight=100, max_queue_wait_ms=0.5)
+    small.inflight = 1
+    assert small.refusal(interval_ms=1) == "queue_wait"  # any positive limit applies
     off = AdmissionController(max_inflight=100, max_queue_wait_ms=0, min_queue=0)
     off.inflight = 50
     assert off.refusal(interval_ms=1e9) is None
@@ -77,12 +80,14 @@ class App:
 
     def __init__(self, fail: bool = False) -> None:
         self.scopes: list[dict[str, Any]] = []
+        self.receives: list[Any] = []
         self.inflight_seen: list[int] = []
         self.fail = fail
         self.middleware: AdmissionMiddleware | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scopes.append(scope)
+        self.receives.append(receive)
         if self.middleware is not None:
             self.inflight_seen.append(self.middleware.controller.inflight)
         if self.fail:
@@ -107,11 +112,12 @@ def scope(path: str = PREDICT_PATH, method: str = "POST", kind: str = "http",
     return found
 
 
+async def receive() -> dict[str, Any]:
+    raise AssertionError("the middleware must not read the body")
+
+
 def call(middleware: AdmissionMiddleware, request: dict[str, Any]) -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        raise AssertionError("the body must not be read")
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -136,6 +142,7 @@ def test_admitted_predict_requests_are_counted_and_stamped() -> None:
     sent = call(middleware, scope())
     assert [m.get("status") for m in sent] == [200, None]
     assert app.inflight_seen == [1]  # counted while inside
+    assert app.receives == [receive]  # the body is the app's to read
     assert middleware.controller.inflight == 0  # and no longer after
     arrived = app.scopes[0]["state"][ARRIVED_AT]
     assert before <= arrived <= time.monotonic()
@@ -163,6 +170,7 @@ def test_other_requests_pass_straight_through(request_scope: dict[str, Any]) -> 
     middleware.controller.inflight = 5  # even when full
     assert call(middleware, request_scope)[0]["status"] == 200
     assert app.inflight_seen == [5]  # not counted
+    assert app.receives == [receive]
     assert "state" not in app.scopes[0]
 
 
@@ -198,7 +206,10 @@ def test_the_wait_estimate_uses_the_services_pace(monkeypatch: pytest.MonkeyPatc
     middleware.controller.inflight = 2
     assert call(middleware, scope(interval_ms=50))[0]["status"] == 200  # 100 ms: admitted
     assert call(middleware, scope(interval_ms=51))[0]["status"] == 503  # 102 ms: refused
-    assert call(middleware, scope())[0]["status"] == 200  # no app state: not measured
+    assert reasons == ["queue_wait"]
+    strict = wrap(App(), max_inflight_requests=100, max_queue_wait_ms=1, max_batch_size=1)
+    strict.controller.inflight = 50
+    assert call(strict, scope())[0]["status"] == 200  # no app state: nothing measured (0 ms)
     assert reasons == ["queue_wait"]
 
 

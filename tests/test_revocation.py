@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
 
+from rottenbot_inference.auth import blocklist as blocklist_module
 from rottenbot_inference.auth import redis_store
 from rottenbot_inference.auth.blocklist import (
     REVOCATION_TTL_S,
@@ -48,7 +52,8 @@ def run(coroutine: Awaitable[T]) -> T:
 
 
 class Clock:
-    """Stands in for time.monotonic in redis_store (moved by hand)."""
+    """Stands in for time.monotonic in redis_store and blocklist only (moved by hand; the
+    event loop keeps the real clock)."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -60,7 +65,8 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(redis_store.time, "monotonic", fake)
+    for module in (redis_store, blocklist_module):
+        monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=fake))
     return fake
 
 
@@ -96,6 +102,23 @@ def test_in_memory_blocklist_revokes_until_the_ttl() -> None:
     run(scenario())
 
 
+def test_in_memory_revocation_ends_exactly_at_its_ttl(clock: Clock) -> None:
+    async def scenario() -> None:
+        blocklist = InMemoryBlocklist(max_entries=2)
+        await blocklist.revoke("a", ttl_s=10)
+        clock.now += 9.5
+        assert await blocklist.is_revoked("a")
+        clock.now += 0.5  # exactly the TTL: over
+        assert not await blocklist.is_revoked("a")
+        await blocklist.revoke("b", ttl_s=5)
+        await blocklist.revoke("c", ttl_s=100)
+        clock.now += 5  # b's TTL is over now: dropped when the next entry finds the map full
+        await blocklist.revoke("d")
+        assert sorted(blocklist._expiry) == ["c", "d"]
+
+    run(scenario())
+
+
 def test_in_memory_blocklist_drops_expired_entries_when_full() -> None:
     async def scenario() -> None:
         assert InMemoryBlocklist()._max_entries == 100_000
@@ -115,7 +138,7 @@ def test_in_memory_ttl_is_the_auth_services() -> None:
     async def scenario() -> None:
         blocklist = InMemoryBlocklist()
         await blocklist.revoke("a")
-        remaining = blocklist._expiry["a"] - redis_store.time.monotonic()
+        remaining = blocklist._expiry["a"] - time.monotonic()
         assert REVOCATION_TTL_S == 3600
         assert REVOCATION_TTL_S - 5 < remaining <= REVOCATION_TTL_S
 
@@ -162,13 +185,20 @@ def test_redis_blocklist_revoke_uses_the_auth_services_ttl(redis_server: RedisSe
         assert REVOCATION_TTL_S - 100 < admin.ttl("jti-default") <= REVOCATION_TTL_S
 
 
-def test_redis_blocklist_defaults() -> None:
+def test_redis_blocklist_defaults_and_settings() -> None:
     blocklist = RedisBlocklist("127.0.0.1")
     guarded = blocklist._redis
     assert (guarded.port, guarded.timeout_s) == (6379, 0.5)
     assert guarded.client.connection_pool.max_connections == 64
     assert guarded.client.connection_pool.connection_kwargs["password"] is None
     run(blocklist.close())
+    sized = RedisBlocklist("127.0.0.1", 6390, "pw", timeout_s=0.3, max_connections=5)
+    pool = sized._redis.client.connection_pool
+    assert pool.max_connections == 5
+    assert (pool.connection_kwargs["password"], pool.connection_kwargs["socket_timeout"]) == (
+        "pw", 0.3,
+    )
+    run(sized.close())
 
 
 def test_unreachable_redis_fails_closed(
@@ -177,7 +207,8 @@ def test_unreachable_redis_fails_closed(
     async def scenario() -> None:
         blocklist = RedisBlocklist("127.0.0.1", unreachable_port, None, timeout_s=0.2)
         try:
-            with pytest.raises(BlocklistUnavailable, match="revocation store is unreachable"):
+            unreachable = r"^the revocation store is unreachable$"
+            with pytest.raises(BlocklistUnavailable, match=unreachable):
                 await blocklist.is_revoked("a")
             with pytest.raises(BlocklistUnavailable, match=r"^cannot revoke: ConnectionError"):
                 await blocklist.revoke("a")
@@ -187,7 +218,34 @@ def test_unreachable_redis_fails_closed(
 
     with caplog.at_level(logging.WARNING):
         run(scenario())
-    assert f"Redis at 127.0.0.1:{unreachable_port} db 0 is unreachable: " in caplog.text
+    logged = [r.getMessage() for r in caplog.records]
+    where = f"Redis at 127.0.0.1:{unreachable_port} db 0"
+    assert logged[0].startswith(f"revocation check failed: {where}: ConnectionError: ")
+    assert re.fullmatch(rf"{re.escape(where)} is unreachable: ConnectionError: .+", logged[-1])
+
+
+def test_revoke_and_ping_give_up_at_the_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    """Calls that neither answer nor fail (below the socket timeouts' reach) still end."""
+    blocklist = RedisBlocklist("127.0.0.1", 6390, None, timeout_s=0.05)
+
+    async def hang(*args: object, **kwargs: object) -> None:
+        await asyncio.sleep(3600)
+
+    blocklist._redis.client.set = hang  # type: ignore[method-assign]
+    blocklist._redis.client.ping = hang  # type: ignore[method-assign]
+    bound = 100 * blocklist._redis.deadline_s  # generous: only a hang reaches it
+
+    async def scenario() -> None:
+        with pytest.raises(BlocklistUnavailable, match=r"^cannot revoke: timed out$"):
+            await asyncio.wait_for(blocklist.revoke("a"), bound)
+        assert await asyncio.wait_for(blocklist.ping(), bound) is False
+
+    with caplog.at_level(logging.WARNING, BLOCKLIST_LOG):
+        run(scenario())
+    assert [r.getMessage() for r in caplog.records] == [
+        "Redis at 127.0.0.1:6390 db 0 is unreachable: timed out"
+    ]
+    run(blocklist.close())
 
 
 def test_hung_redis_gives_up_at_its_deadline(redis_server: RedisServer) -> None:
@@ -245,6 +303,7 @@ def test_fail_open_passes_answers_through_and_lets_tokens_in_while_down(
 
     async def scenario() -> None:
         await blocklist.revoke("a", ttl_s=60)
+        assert inner._expiry["a"] - time.monotonic() <= 60  # the TTL is passed on
         assert await blocklist.is_revoked("a") is True  # up: revocations count
         assert await blocklist.is_revoked("b") is False
         inner.down = True
@@ -257,7 +316,10 @@ def test_fail_open_passes_answers_through_and_lets_tokens_in_while_down(
     assert inner._expiry["a"] > 0 and inner.closed
     warnings = [r for r in caplog.records if "WITHOUT checking" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
-    assert warnings[0].getMessage().startswith("AUTH_FAIL_OPEN: the revocation store is")
+    assert warnings[0].getMessage() == (
+        "AUTH_FAIL_OPEN: the revocation store is unreachable; accepting a token WITHOUT "
+        "checking whether it was revoked"
+    )
 
 
 # --- the start-up choice --------------------------------------------------------------------
@@ -269,13 +331,15 @@ def test_without_redis_host_the_in_process_blocklist_is_used(
     with caplog.at_level(logging.INFO, BLOCKLIST_LOG):
         plain = run(start_blocklist(settings()))
         assert isinstance(plain, InMemoryBlocklist)
-        assert "logged-out tokens stay valid until exp" in caplog.text
-        assert "AUTH_FAIL_OPEN has no effect" not in caplog.text
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING, (
+            "REDIS_HOST is not set: using an in-process token blocklist; revocations made by "
+            "the auth service (logout) are NOT seen, so logged-out tokens stay valid until exp"
+        ))]
+        caplog.clear()
         opened = run(start_blocklist(settings(auth_fail_open=True)))
     assert isinstance(opened, InMemoryBlocklist)  # fail-open means nothing without Redis
-    assert "AUTH_FAIL_OPEN has no effect without REDIS_HOST" in caplog.text
-    assert [r.levelno for r in caplog.records if "REDIS_HOST is not set" in r.getMessage()] == [
-        logging.WARNING, logging.WARNING,
+    assert [(r.levelno, r.getMessage()) for r in caplog.records][1:] == [
+        (logging.INFO, "AUTH_FAIL_OPEN has no effect without REDIS_HOST")
     ]
 
 
@@ -294,8 +358,9 @@ def test_with_redis_host_the_redis_blocklist_is_used(
 
     with caplog.at_level(logging.INFO, BLOCKLIST_LOG):
         run(scenario())
-    assert f"token revocation: Redis at 127.0.0.1:{redis_server.port} db 0" in caplog.text
-    assert "unreachable at startup" not in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        f"token revocation: Redis at 127.0.0.1:{redis_server.port} db 0"
+    ]
 
 
 def test_start_with_redis_down_warns_and_fails_closed_or_open(
@@ -306,8 +371,12 @@ def test_start_with_redis_down_warns_and_fails_closed_or_open(
         closed = run(start_blocklist(settings(**down)))
     assert isinstance(closed, RedisBlocklist)
     startup = [r for r in caplog.records if "unreachable at startup" in r.getMessage()]
+    where = f"Redis at 127.0.0.1:{unreachable_port} db 0"
     assert len(startup) == 1 and startup[0].levelno == logging.WARNING
-    assert startup[0].getMessage().endswith("authenticated requests get 503 until it answers")
+    assert startup[0].getMessage() == (
+        f"token revocation: {where} is unreachable at startup; authenticated requests get 503 "
+        "until it answers"
+    )
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     caplog.clear()
 
@@ -319,8 +388,10 @@ def test_start_with_redis_down_warns_and_fails_closed_or_open(
         startup[0].getMessage()
     )
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and errors[0].getMessage().startswith(
-        f"AUTH_FAIL_OPEN=true: whenever Redis at 127.0.0.1:{unreachable_port} db 0 is unreachable"
+    assert len(errors) == 1 and errors[0].getMessage() == (
+        f"AUTH_FAIL_OPEN=true: whenever {where} is unreachable, tokens are accepted WITHOUT a "
+        "revocation check (logged-out tokens keep working); use only if availability matters "
+        "more than logout"
     )
     assert run(opened.is_revoked("a")) is False  # down: accepted
 
@@ -357,6 +428,14 @@ def test_guarded_redis_defaults_and_deadline() -> None:
     assert guarded.client.connection_pool.max_connections == 64
     assert guarded.describe() == "Redis at 127.0.0.1:6379 db 0"
     run(guarded.close())
+    sized = GuardedRedis("127.0.0.2", 6390, "pw", timeout_s=0.3, max_connections=5)
+    kwargs = sized.client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["password"], kwargs["socket_timeout"]) == (
+        "127.0.0.2", 6390, "pw", 0.3,
+    )
+    assert sized.client.connection_pool.max_connections == 5
+    assert sized.deadline_s == pytest.approx(0.9)
+    run(sized.close())
 
 
 def test_guarded_call_returns_the_answer_and_fails_fast_after_a_failure(
@@ -379,10 +458,11 @@ def test_guarded_call_returns_the_answer_and_fails_fast_after_a_failure(
         assert await guarded.call("check", operation("ok")) == "ok"
         with pytest.raises(RedisUnreachable, match=r"^check$"):
             await guarded.call("check", operation("fail"))
-        clock.now += 0.49  # within REDIS_TIMEOUT_S of the failure: fails fast, no call
+        failed_at = clock.now
+        clock.now = failed_at + 0.49  # within REDIS_TIMEOUT_S of the failure: fails fast, no call
         with pytest.raises(RedisUnreachable, match=r"^check$"):
             await guarded.call("check", operation("skipped"))
-        clock.now += 0.02  # past it: Redis is asked again
+        clock.now = failed_at + 0.5  # exactly REDIS_TIMEOUT_S after it: Redis is asked again
         assert await guarded.call("check", operation("ok")) == "ok"
 
     with caplog.at_level(logging.WARNING, STORE_LOG):

@@ -112,6 +112,8 @@ def test_refresh_claim_absent_or_false_is_an_access_token() -> None:
         ({"user": {}}, "Token has no valid user"),
         ({"user": {"user_uid": 42}}, "Token has no valid user"),
         ({"user": {"user_uid": "not-a-uuid"}}, "Token has no valid user"),
+        # Digits that would read as a UUID's hex: only a string is a user id.
+        ({"user": {"user_uid": 12345678123456781234567812345678}}, "Token has no valid user"),
         ({"exp": "tomorrow"}, "Token is invalid"),
     ],
 )
@@ -177,7 +179,7 @@ def test_audience_and_issuer_are_required_and_checked_when_configured() -> None:
 
 
 def test_hmac_secret_must_not_be_empty_and_none_is_refused() -> None:
-    with pytest.raises(ValueError, match="JWT_SECRET is empty"):
+    with pytest.raises(ValueError, match=r"^JWT_SECRET is empty$"):
         TokenVerifier("", "HS256")
     with pytest.raises(ValueError, match="'none' is not allowed"):
         TokenVerifier(TEST_SECRET, "none")
@@ -274,14 +276,16 @@ def test_build_verifier_with_a_key_file_or_a_key_set(
         settings(jwt_algorithm="ES256", jwt_public_key_file=pem, jwt_leeway_s=120)
     )
     assert from_file.verify(es256(ec_key, exp=int(time.time()) - 100)).jti  # settings' leeway
-    assert f"access tokens: ES256 with the public key in {pem}" in caplog.text
+    assert caplog.records[-1].getMessage() == f"access tokens: ES256 with the public key in {pem}"
 
     jwks = str(jwks_file(tmp_path, ec_key, "k1"))
     from_set = build_verifier(
         settings(jwt_algorithm="ES256", jwt_jwks_url=jwks, jwt_jwks_cache_s=42,
                  jwt_audience=AUDIENCE)
     )
-    assert f"access tokens: ES256 with keys from the JWKS at {jwks}" in caplog.text
+    assert caplog.records[-1].getMessage() == (
+        f"access tokens: ES256 with keys from the JWKS at {jwks}"
+    )
     keys = from_set._keys
     assert isinstance(keys, JwksKeys) and keys.location == jwks and keys._cache_s == 42
     asyncio.run(from_set.start())
