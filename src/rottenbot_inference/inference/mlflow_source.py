@@ -1,17 +1,9 @@
 """Models from MLflow (a tracking server with its model registry), through MLflow's client.
 
-`MODEL_URI` forms (`MLFLOW_TRACKING_URI` names the server):
-
-    models:/<name>@<alias>       the version an alias points at (the reloader follows it)
-    models:/<name>/<version>     one registered version
-    models:/m-<id>               a logged model (MLflow 3)
-    runs:/<run_id>/<path>        a model logged in a run
-    mlflow-artifacts:/<path>     an artifact the server proxies (also s3://, gs://, http(s)://)
-
-Downloads land in a cache (`DATA_DIR/mlflow-cache/<server>/...`) keyed by what cannot change
-under the same name: a registry version, a logged model, a run's artifact path. A pinned URI
-whose entry is cached needs no server at all; an alias is re-resolved each time, and when the
-server cannot be reached the last good version it resolved to is served (`stale`).
+`MlflowSource` resolves MODEL_URI (forms and parsing: mlflow_uri.py) and downloads what it names
+into the download cache (mlflow_cache.py). A pinned URI whose entry is cached needs no server
+at all; an alias is re-resolved each time, and when the server cannot be reached the last good
+version it resolved to is served (`stale`).
 
 The class map (`index_to_class.json`) comes from the model's own artifacts when it is there,
 else from the run that logged the version, else from run `RUN_ID` (the old deployment's way).
@@ -22,8 +14,6 @@ model never imports MLflow.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -36,30 +26,39 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote, urlparse
+from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
 from rottenbot_inference.inference.loader import (
     CLASSES_FILE,
-    LocalArtifact,
     ModelLoadError,
     model_file,
     parse_class_map,
+)
+from rottenbot_inference.inference.mlflow_cache import (
+    ENTRY_FILE,
+    PARTIAL_PREFIX,
+    DownloadCache,
+    MlflowArtifact,
+    _sha256,
+    _utcnow,
+    _write_json,
+    pinned_key,
+    version_key,
+)
+from rottenbot_inference.inference.mlflow_uri import (
+    URI_FORMS,
+    ModelRef,
+    is_mlflow_uri,
+    parse_model_uri,
+    wants_mlflow,
 )
 from rottenbot_inference.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")
-ARTIFACT_SCHEMES = ("mlflow-artifacts", "s3", "gs", "wasbs", "abfss", "http", "https", "file")
-URI_FORMS = (
-    "models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<run_id>/<path> "
-    "or mlflow-artifacts:/<path>"
-)
-ENTRY_FILE = "entry.json"
-PARTIAL_PREFIX = ".partial-"
 # MLflow error codes that no retry will fix: the model, version, alias or run is not there
 # (or we may not see it). Everything else (connection errors, timeouts, 5xx) is retried.
 PERMANENT_ERROR_CODES = frozenset(
@@ -74,83 +73,8 @@ PERMANENT_ERROR_CODES = frozenset(
     }
 )
 
-Kind = Literal["alias", "version", "logged", "run", "artifact"]
-
-
 class RegistryUnavailable(ModelLoadError):
     """The tracking server or artifact store cannot be reached now: worth retrying."""
-
-
-def is_mlflow_uri(uri: str | None) -> bool:
-    return bool(uri) and uri.strip().partition(":")[0].lower() in MLFLOW_SCHEMES  # type: ignore[union-attr]
-
-
-def wants_mlflow(settings: Settings) -> bool:
-    """USE_LOCAL=false, or USE_LOCAL left unset with an MLflow MODEL_URI."""
-    if not settings.use_local:
-        if not settings.model_uri:
-            raise ModelLoadError(
-                "USE_LOCAL=false needs MODEL_URI (e.g. models:/rottenbot@champion) and "
-                "MLFLOW_TRACKING_URI"
-            )
-        return True
-    explicit_local = "use_local" in settings.model_fields_set
-    return not explicit_local and is_mlflow_uri(settings.model_uri)
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A parsed MODEL_URI."""
-
-    uri: str
-    kind: Kind
-    name: str
-    alias: str | None = None
-    version: str | None = None
-    run_id: str | None = None
-    path: str | None = None  # run artifact path, or the logged model id
-
-    @property
-    def follows_alias(self) -> bool:
-        return self.kind == "alias"
-
-
-def parse_model_uri(uri: str) -> ModelRef:
-    """Validate MODEL_URI up front, so that a typo fails at once with the accepted forms."""
-    raw = uri.strip()
-    scheme, colon, rest = raw.partition(":")
-    scheme = scheme.lower()
-    if not colon or not scheme:
-        raise ModelLoadError(f"MODEL_URI {raw!r} is not a URI; use {URI_FORMS}")
-    if scheme == "models":
-        body = rest[1:] if rest.startswith("/") and not rest.startswith("//") else None
-        if body is not None:
-            if match := re.fullmatch(r"([^/@]+)@([^/@]+)", body):
-                return ModelRef(raw, "alias", match[1], alias=match[2])
-            if match := re.fullmatch(r"([^/@]+)/(\d+)", body):
-                return ModelRef(raw, "version", match[1], version=match[2])
-            if re.fullmatch(r"m-[0-9a-fA-F]+", body):
-                return ModelRef(raw, "logged", body, path=body)
-            if re.fullmatch(r"[^/@]+/[A-Za-z]+", body):
-                raise ModelLoadError(
-                    f"MODEL_URI {raw!r}: stage and 'latest' URIs are not supported (stages are "
-                    "deprecated in MLflow); point an alias at the version instead: "
-                    f"models:/{body.split('/')[0]}@champion"
-                )
-        raise ModelLoadError(f"MODEL_URI {raw!r} is not a valid models:/ URI; use {URI_FORMS}")
-    if scheme == "runs":
-        match = re.fullmatch(r"/([0-9A-Za-z_-]+)/(.+?)/?", rest)
-        if not match:
-            raise ModelLoadError(f"MODEL_URI {raw!r}: expected runs:/<run_id>/<artifact path>")
-        path = match[2]
-        return ModelRef(raw, "run", path.rsplit("/", 1)[-1], run_id=match[1], path=path)
-    if scheme in ARTIFACT_SCHEMES:
-        name = urlparse(raw).path.rstrip("/").rsplit("/", 1)[-1] or "model"
-        if name == "artifacts":  # mlflow-artifacts:/1/models/m-.../artifacts
-            parent = urlparse(raw).path.rstrip("/").rsplit("/", 2)
-            name = parent[-2] if len(parent) >= 2 and parent[-2] else name
-        return ModelRef(raw, "artifact", name)
-    raise ModelLoadError(f"MODEL_URI {raw!r}: unsupported scheme {scheme!r}; use {URI_FORMS}")
 
 
 @dataclass(frozen=True)
@@ -170,43 +94,6 @@ class Resolution:
         return f"{self.name} version {self.version}" if self.version else self.name
 
 
-@dataclass(frozen=True)
-class MlflowArtifact(LocalArtifact):
-    """A downloaded MLflow model on local disk, with its registry coordinates."""
-
-    key: str = ""
-    uri: str = ""
-    tracking_uri: str | None = None
-    run_id: str | None = None
-    alias: str | None = None
-    classes_from: str | None = None
-    downloaded_at: str | None = None
-    from_cache: bool = False  # no download was needed
-    stale: bool = False  # registry unreachable: served from cache as the last good version
-    registry_error: str | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "tracking_uri": self.tracking_uri,
-            "model_uri": self.uri,
-            "registered_model": self.name,
-            "alias": self.alias,
-            "version": self.version,
-            "run_id": self.run_id,
-            "classes_from": self.classes_from,
-            "downloaded_at": self.downloaded_at,
-        }
-
-
-def _utcnow() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def _safe(part: str) -> str:
-    """A path component for any string (model names may hold spaces, slashes, unicode)."""
-    return quote(part, safe="-_.@") or "_"
-
-
 def _short(exc: BaseException) -> str:
     """A one-line reason, without MLflow's urllib3 retry essay."""
     text = str(exc)
@@ -224,24 +111,6 @@ def _short(exc: BaseException) -> str:
             return reason
     line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return line if len(line) <= 240 else line[:237] + "..."
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex}.json")
-    with temporary.open("w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 _configure_lock = threading.Lock()
@@ -290,10 +159,17 @@ class MlflowSource:
         server = urlparse(self.tracking_uri)
         slug = re.sub(r"[^A-Za-z0-9.-]+", "_", server.netloc or server.path)[-48:].strip("_")
         digest = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:8]
-        self.cache_root = settings.mlflow_cache / f"{slug or 'server'}-{digest}"
+        self.cache = DownloadCache(
+            settings.mlflow_cache / f"{slug or 'server'}-{digest}", self.ref, self.tracking_uri,
+            settings.mlflow_cache_keep,
+        )
         self._mlflow: Any = None
         self._client: Any = None
-        self._remove_partials()
+        self.cache.remove_partials()
+
+    @property
+    def cache_root(self) -> Path:
+        return self.cache.root
 
     @property
     def follows_alias(self) -> bool:
@@ -332,16 +208,7 @@ class MlflowSource:
 
     def static_key(self) -> str | None:
         """The cache entry of a URI that always means the same model (None for an alias)."""
-        ref = self.ref
-        if ref.kind == "version":
-            return f"versions/{_safe(ref.name)}/{ref.version}"
-        if ref.kind == "logged":
-            return f"logged/{_safe(ref.name)}"
-        if ref.kind == "run":
-            return f"runs/{_safe(ref.run_id or '')}/{_safe(ref.path or '')}"
-        if ref.kind == "artifact":
-            return f"uris/{hashlib.sha256(ref.uri.encode()).hexdigest()[:24]}"
-        return None
+        return pinned_key(self.ref)
 
     def resolve(self) -> Resolution:
         """What MODEL_URI names now (asks the registry for aliases and versions)."""
@@ -354,7 +221,7 @@ class MlflowSource:
                     exc, f"alias {ref.alias!r} of registered model {ref.name!r}"
                 ) from exc
             return Resolution(
-                key=f"versions/{_safe(ref.name)}/{found.version}",
+                key=version_key(ref.name, found.version),
                 name=ref.name,
                 version=str(found.version),
                 run_id=found.run_id or None,
@@ -509,98 +376,23 @@ class MlflowSource:
             f"log it with mlflow.log_dict(index_to_class, {CLASSES_FILE!r}) or set RUN_ID"
         )
 
-    # -- the cache --------------------------------------------------------------------------
+    # -- the cache (mlflow_cache.py) ----------------------------------------------------------
 
     def _load_entry(
         self, key: str, from_cache: bool = True, fingerprint: str | None = None
     ) -> MlflowArtifact | None:
-        folder = self.cache_root / key
-        try:
-            entry = json.loads((folder / ENTRY_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        if fingerprint is not None and entry.get("fingerprint") not in (None, fingerprint):
-            log.warning("cached %s is not what the registry now calls it; downloading again",
-                        folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            return None
-        model = folder / entry["model"]
-        found = folder / entry["model_file"]
-        if not found.is_file() or (from_cache and _sha256(found) != entry.get("sha256")):
-            log.warning("cached model %s is damaged; it will be downloaded again", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            return None
-        version = entry.get("version")
-        label = f"{entry['name']} version {version}" if version else entry["name"]
-        with contextlib.suppress(OSError):
-            os.utime(folder / ENTRY_FILE)  # recently used: pruned last
-        return MlflowArtifact(
-            path=model,
-            source=f"{self.ref.uri} ({label})" if self.ref.kind == "alias" else self.ref.uri,
-            name=entry["name"],
-            version=version,
-            classes_path=folder / CLASSES_FILE,
-            key=key,
-            uri=self.ref.uri,
-            tracking_uri=self.tracking_uri,
-            run_id=entry.get("run_id"),
-            alias=self.ref.alias,
-            classes_from=entry.get("classes_from"),
-            downloaded_at=entry.get("downloaded_at"),
-            from_cache=from_cache,
-        )
-
-    def _pointer(self) -> Path:
-        digest = hashlib.sha256(self.ref.uri.encode()).hexdigest()[:24]
-        return self.cache_root / "last-good" / f"{digest}.json"
+        return self.cache.load(key, from_cache=from_cache, fingerprint=fingerprint)
 
     def remember_good(self, artifact: MlflowArtifact) -> None:
         """Record the version now serving as this URI's fallback for an unreachable registry."""
-        _write_json(
-            self._pointer(),
-            {"uri": self.ref.uri, "key": artifact.key, "version": artifact.version,
-             "recorded_at": _utcnow()},
-        )
+        self.cache.remember_good(artifact)
 
     def last_good(self) -> MlflowArtifact | None:
-        try:
-            pointer = json.loads(self._pointer().read_text())
-        except (OSError, ValueError):
-            return None
-        artifact = self._load_entry(pointer["key"])
-        if artifact is not None:
-            log.info("last good model for %s: %s (since %s)", self.ref.uri, artifact.source,
-                     pointer.get("recorded_at"))
-        return artifact
+        return self.cache.last_good()
 
     def prune(self, keep: set[str]) -> None:
         """Delete cached versions beyond the newest MLFLOW_CACHE_KEEP (keeping `keep`)."""
-        try:
-            pointers = [
-                json.loads(path.read_text())["key"]
-                for path in (self.cache_root / "last-good").glob("*.json")
-            ]
-        except (OSError, ValueError, KeyError):
-            return  # never delete on a doubtful picture
-        protected = keep | set(pointers)
-        entries = sorted(
-            self.cache_root.rglob(ENTRY_FILE), key=lambda path: path.stat().st_mtime, reverse=True
-        )
-        others = [path.parent for path in entries
-                  if str(path.parent.relative_to(self.cache_root)) not in protected]
-        for folder in others[self.settings.mlflow_cache_keep:]:
-            log.info("removing cached model %s", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def _remove_partials(self) -> None:
-        """Leftovers of downloads a crash interrupted (older than an hour: not in progress)."""
-        if not self.cache_root.is_dir():
-            return
-        cutoff = time.time() - 3600
-        for path in self.cache_root.glob(f"{PARTIAL_PREFIX}*"):
-            with contextlib.suppress(OSError):
-                if path.stat().st_mtime < cutoff:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.cache.prune(keep)
 
 
 def _fingerprint(version: Any) -> str:
@@ -617,3 +409,17 @@ def _mlmodel_run_id(model_dir: Path) -> str | None:
     except yaml.YAMLError:
         return None
     return str(run_id) if run_id else None
+
+
+__all__ = [
+    "URI_FORMS",
+    "MlflowArtifact",
+    "MlflowSource",
+    "ModelRef",
+    "RegistryUnavailable",
+    "Resolution",
+    "configure_mlflow",
+    "is_mlflow_uri",
+    "parse_model_uri",
+    "wants_mlflow",
+]

@@ -8,8 +8,8 @@
 - watch: a worker thread re-resolves an alias MODEL_URI every MODEL_POLL_INTERVAL_S and reloads
   on request (SIGHUP, POST /api/v1/admin/reload). A new version is downloaded, converted (in a
   niced child process, so TensorFlow never enters the server and the inference thread keeps
-  the CPU), verified and warmed up beside the serving one, then installed with one reference
-  swap. Requests already queued finish on the old bundle, which is then freed;
+  the CPU: convert_child.py), verified and warmed up beside the serving one, then installed
+  with one reference swap. Requests already queued finish on the old bundle, which is then freed;
 - a version that fails is refused: the old one keeps serving, the failure is logged, counted
   and shown by the model endpoint; it is not retried until the alias moves or a reload is
   requested.
@@ -17,18 +17,13 @@
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
 import gc
 import hashlib
-import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -40,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from rottenbot_inference.inference.bundle import ModelBundle
+from rottenbot_inference.inference.convert_child import ConversionChild, Unfaithful, describe_error
 from rottenbot_inference.inference.loader import (
     LocalArtifact,
     ModelLoader,
@@ -63,7 +59,6 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["swapped", "unchanged", "failed", "unreachable"]
 Trigger = Literal["start", "poll", "signal", "admin"]
-UNFAITHFUL_MARKERS = ("ONNX output differs", "ONNX conversion failed")
 
 
 @dataclass(frozen=True)
@@ -186,7 +181,7 @@ class ModelManager:
         self._lock = threading.Lock()
         self._requests: list[_Request] = []
         self._thread: threading.Thread | None = None
-        self._child: subprocess.Popen[bytes] | None = None
+        self._converter = ConversionChild(settings)
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -339,9 +334,7 @@ class ModelManager:
         """End the worker (killing a conversion child) and fail pending requests."""
         self._stopping.set()
         self._wake.set()
-        child = self._child
-        if child is not None and child.poll() is None:
-            child.kill()
+        self._converter.kill()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
         with self._lock:
@@ -442,7 +435,7 @@ class ModelManager:
             )
         except Exception as exc:
             self._refused_key = key
-            detail = _describe(exc)
+            detail = describe_error(exc)
             log.error(
                 "REFUSED model version %s (%s); still serving version %s", candidate, detail,
                 previous,
@@ -507,8 +500,12 @@ class ModelManager:
         if self.settings.model_convert_isolated and self.loader.needs_conversion(path):
             nice = self.settings.model_reload_nice if background else 0
             try:
-                self._convert_in_child(path, nice)
-            except _Unfaithful as exc:
+                self._converter.run(path, nice)
+            except ModelLoadError as exc:
+                if self._stopping.is_set():  # killed by stop()
+                    raise _Stopping() from None
+                if not isinstance(exc, Unfaithful):
+                    raise
                 if self.settings.model_runtime == "onnxruntime":
                     raise ModelLoadError(str(exc)) from exc
                 log.error("%s; loading it in-process (the Keras fallback may follow)", exc)
@@ -519,45 +516,6 @@ class ModelManager:
         bundle.warm_up(self.settings.max_batch_size)
         telemetry_metrics.record_model_load("success", time.monotonic() - started)
         return bundle
-
-    def _convert_in_child(self, path: Path, nice: int) -> None:
-        """Run the ONNX conversion in `python -m ...reloader convert` (TensorFlow stays there)."""
-        settings = self.settings
-        command = [
-            sys.executable, "-m", "rottenbot_inference.inference.reloader", "convert", str(path),
-            "--cache-dir", str(settings.cache_dir),
-            "--threads", str(settings.effective_inference_threads),
-            "--tolerance", repr(settings.verify_tolerance),
-            "--nice", str(nice),
-        ]
-        log.info("converting %s to ONNX in a child process (nice %d)", path, nice)
-        started = time.monotonic()
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-        self._child = child = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-        )
-        try:
-            stdout, stderr = child.communicate(timeout=settings.model_convert_timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            raise ModelLoadError(
-                f"converting {path.name} took longer than {settings.model_convert_timeout_s:g} s "
-                "(MODEL_CONVERT_TIMEOUT_S)"
-            ) from None
-        finally:
-            self._child = None
-        if self._stopping.is_set():
-            raise _Stopping()
-        report = _last_json(stdout)
-        if child.returncode == 0 and report.get("ok"):
-            log.info("converted %s in %.1f s (child process)", path.name,
-                     time.monotonic() - started)
-            return
-        error = report.get("error") or _tail(stderr) or f"exit status {child.returncode}"
-        if report.get("unfaithful"):
-            raise _Unfaithful(f"{path.name}: {error}")
-        raise ModelLoadError(f"converting {path.name} failed: {error}")
 
     def _install(
         self, bundle: ModelBundle, artifact: LocalArtifact, trigger: str, key: str | None = None
@@ -584,10 +542,6 @@ class ModelManager:
         self._status_changed()
 
 
-class _Unfaithful(ModelLoadError):
-    """The ONNX conversion does not match Keras (MODEL_RUNTIME=auto may fall back to Keras)."""
-
-
 @dataclass(frozen=True)
 class _Fixed:
     """A source that returns an artifact already fetched."""
@@ -596,61 +550,3 @@ class _Fixed:
 
     def fetch(self) -> LocalArtifact:
         return self.artifact
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
-
-
-def _last_json(output: bytes) -> dict[str, Any]:
-    for line in reversed(output.decode(errors="replace").splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-    return {}
-
-
-def _tail(output: bytes, lines: int = 3) -> str:
-    text = output.decode(errors="replace").strip().splitlines()
-    return " | ".join(text[-lines:])
-
-
-# -- the conversion child ----------------------------------------------------------------------
-
-
-def _convert_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rottenbot_inference.inference.reloader")
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="convert a .keras model into the ONNX cache")
-    convert.add_argument("model", type=Path)
-    convert.add_argument("--cache-dir", type=Path, required=True)
-    convert.add_argument("--threads", type=int, default=1)
-    convert.add_argument("--tolerance", type=float, default=1e-4)
-    convert.add_argument("--nice", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.nice:
-        os.nice(args.nice)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        model_cache_dir=args.cache_dir,
-        inference_threads=args.threads,
-        verify_tolerance=args.tolerance,
-        model_runtime="onnxruntime",  # an unfaithful conversion is an error here
-    )
-    try:
-        ModelLoader(settings).convert(args.model)
-    except Exception as exc:
-        message = _describe(exc)
-        unfaithful = any(marker in message for marker in UNFAITHFUL_MARKERS)
-        print(json.dumps({"ok": False, "error": message, "unfaithful": unfaithful}), flush=True)
-        return 1
-    print(json.dumps({"ok": True}), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_convert_main(sys.argv[1:]))
