@@ -320,7 +320,7 @@ class Drainer:
         self._failing = failure.reason
         if failure.permanent:
             log.warning(
-                "drainer: saves parked (%s): they stay in the outbox, retried every %.0f s; "
+                "drainer: saves parked (%s): they stay in the outbox, retried every %g s; "
                 "%d pending", failure, self.park_retry_s, self.outbox.backlog,
             )
         else:

@@ -1,0 +1,306 @@
+"""The drainer on its own (storage/drainer.py, storage/failures.py), with no server: a real
+SQLite database and a local image folder stand in for PostgreSQL and S3, which
+test_persistence.py and test_outbox_disk.py use for the same behaviour end to end. Fast: these
+are the tests scripts/mutation.sh runs against the drainer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import random
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from rottenbot_inference.storage.db import PredictionRepository, create_engine, migrate
+from rottenbot_inference.storage.drainer import Drainer, backoff_s
+from rottenbot_inference.storage.failures import Failure, classify
+from rottenbot_inference.storage.images import ImageStoreError, LocalImageStore
+from rottenbot_inference.storage.outbox import Outbox
+from tests.test_outbox import record
+
+
+def s3_error(code: str) -> ImageStoreError:
+    """What the S3 image store raises for an S3 error code (the client error is its cause)."""
+    try:
+        raise ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+    except ClientError as cause:
+        try:
+            raise ImageStoreError(f"cannot upload: {cause}") from cause
+        except ImageStoreError as error:
+            return error
+    raise AssertionError("unreachable")
+
+
+def test_failures_are_classified_by_cause() -> None:
+    assert classify("image_store", s3_error("AccessDenied")) == Failure(
+        "image_store_denied", True, str(s3_error("AccessDenied")))
+    for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        assert classify("image_store", s3_error(code)).reason == "image_store_denied"
+    for code in ("NoSuchBucket", "404"):
+        failure = classify("image_store", s3_error(code))
+        assert failure.reason == "image_store_no_bucket" and failure.permanent
+    slow = classify("image_store", s3_error("SlowDown"))
+    assert slow.reason == "image_store_unreachable" and not slow.permanent
+    down = ImageStoreError("cannot reach")
+    down.__cause__ = EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+    assert classify("image_store", down).reason == "image_store_unreachable"
+    rejected = IntegrityError("INSERT", {}, Exception("check constraint"))
+    assert classify("database", rejected) == Failure("database_rejected", True, str(rejected))
+    lost = OperationalError("SELECT", {}, Exception("connection refused"))
+    assert classify("database", lost).reason == "database_unreachable"
+    assert not classify("database", lost).permanent
+    # An integrity error while talking to the image store is not the database's verdict.
+    assert classify("image_store", rejected).reason == "image_store_unreachable"
+    full = classify("outbox", OSError(errno.ENOSPC, "No space left on device"))
+    assert full == Failure("disk_full", False, "[Errno 28] No space left on device")
+    assert classify("database", OSError(errno.ENOSPC, "full")).reason == "disk_full"
+    assert classify("outbox", OSError(errno.EROFS, "ro")).reason == "read_only"
+    assert classify("image_store", OSError(errno.EROFS, "ro")).reason == "image_store_unreachable"
+    assert classify("outbox", RuntimeError("?")) == Failure("outbox_error", False, "?")
+    assert classify("outbox", RuntimeError()).detail == "RuntimeError"
+    assert str(Failure("disk_full", False, "no room")) == "disk_full: no room"
+
+
+def test_backoff_is_exponential_jittered_and_capped() -> None:
+    rng = random.Random(1)
+    for attempts in range(1, 30):
+        delay = backoff_s(attempts, 0.5, 30.0, rng)
+        ceiling = min(30.0, 0.5 * 2 ** (attempts - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    assert len({round(backoff_s(8, 0.5, 30.0, rng), 6) for _ in range(20)}) > 1
+    assert backoff_s(0, 1.0, 30.0, rng) <= 1.0  # the first attempt never waits longer
+
+
+class FlakyStore(LocalImageStore):
+    """Fails uploads with `error` while `failing(key)` says so."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls = 0
+        self.fail_first = 0
+        self.error: ImageStoreError = ImageStoreError("store down")
+        self.refuse_keys: set[str] = set()
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.calls += 1
+        if self.calls <= self.fail_first or key in self.refuse_keys:
+            raise self.error
+        super().put(key, data, content_type)
+
+
+@dataclass
+class Rig:
+    outbox: Outbox
+    store: FlakyStore
+    repository: PredictionRepository
+    drainer: Drainer
+    database: Path
+
+    async def add(self, count: int, name: str = "Class01__Rotten") -> list[uuid.UUID]:
+        records = [record(name=name) for _ in range(count)]
+        for r in records:
+            await self.outbox.add(r, r.uid.bytes)
+        return [r.uid for r in records]
+
+    async def until(self, condition, timeout_s: float = 30) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(int(timeout_s / 0.02)):
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("timed out")
+
+    def stored(self) -> set[uuid.UUID]:
+        with sqlite3.connect(self.database) as conn:
+            return {uuid.UUID(uid) for (uid,) in conn.execute("SELECT uid FROM predictions")}
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp_path: Path, **drainer_options: float) -> AsyncIterator[Rig]:
+    database = tmp_path / "p.db"
+    url = make_url(f"sqlite+aiosqlite:///{database}")
+    await migrate(url)
+    engine = create_engine(url)
+    repository = PredictionRepository(engine)
+    outbox = Outbox(tmp_path / "outbox", 1000, 10**8)
+    await outbox.open()
+    store = FlakyStore(tmp_path / "images")
+    executor = ThreadPoolExecutor(4)
+    options = {"batch_size": 4, "retry_base_s": 0.01, "retry_max_s": 0.05, **drainer_options}
+    drainer = Drainer(outbox, executor, **options)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):
+        drainer.start()  # not before attach
+    drainer.attach(store, repository)
+    drainer.start()
+    try:
+        yield Rig(outbox, store, repository, drainer, database)
+    finally:
+        await drainer.stop(1)
+        await outbox.close()
+        await engine.dispose()
+        executor.shutdown()
+
+
+def test_the_drainer_retries_with_backoff_until_the_store_recovers(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            r.store.fail_first = 5
+            records = [record() for _ in range(10)]
+            for saved in records:
+                await r.outbox.add(saved, saved.uid.bytes)
+            await r.until(lambda: r.outbox.backlog == 0)
+            assert r.drainer.failures >= 5 and r.drainer.drained == 10
+            assert r.drainer.failures_by_reason["image_store_unreachable"] == r.drainer.failures
+            assert r.drainer.healthy and r.drainer.last_error is not None
+            assert await r.repository.count() == 10
+            for saved in records:
+                assert (tmp_path / "images" / saved.image_path).read_bytes() == saved.uid.bytes
+                # The row records the bytes actually stored.
+            # Re-draining the same items (a crash between insert and outbox delete) adds none.
+            assert await r.repository.insert_many(records) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_store_is_probed_one_item_at_a_time_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path, retry_base_s=0.005, retry_max_s=0.01) as r:
+            r.store.fail_first = 10**6
+            with caplog.at_level(logging.DEBUG, "rottenbot_inference.storage.drainer"):
+                await r.add(12)
+                await r.until(lambda: r.store.calls >= 20)
+                assert not r.drainer.healthy
+                calls = r.store.calls
+                # While failing, each attempt is a single item (probing), not a batch of 4.
+                assert r.drainer.failures <= calls + 4
+                r.store.fail_first = 0
+                await r.until(lambda: r.outbox.backlog == 0)
+            warnings = [m for m in caplog.messages if "not stored yet" in m
+                        and "retrying with backoff" in m]
+            assert len(warnings) == 1  # once per change of state, not once per attempt
+            assert sum("reachable again" in m for m in caplog.messages) == 1
+            assert r.drainer.healthy
+
+    asyncio.run(scenario())
+
+
+def test_a_permanent_failure_parks_its_items_and_the_rest_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path, park_retry_s=0.5) as r:
+            (denied,) = await r.add(1)
+            r.store.error = s3_error("AccessDenied")
+            r.store.refuse_keys = {r.outbox.get(denied).record.image_path}  # type: ignore[union-attr]
+            with caplog.at_level(logging.WARNING, "rottenbot_inference.storage.drainer"):
+                others = await r.add(9)
+                await r.until(lambda: r.stored() == set(others))
+                await r.until(lambda: r.outbox.parked == 1)
+            entry = r.outbox.get(denied)
+            assert entry is not None and entry.parked and entry.attempts >= 1
+            assert "image_store_denied" in (entry.last_error or "")
+            assert r.drainer.failures_by_reason["image_store_denied"] >= 1
+            assert r.drainer.healthy  # a parked item is no outage
+            parked = [m for m in caplog.messages if "parked" in m]
+            assert parked and "retried every 0.5 s" in parked[0]
+            r.store.refuse_keys = set()  # fixed: the next park retry stores it
+            await r.until(lambda: r.outbox.backlog == 0, timeout_s=10)
+            assert denied in r.stored()
+
+    asyncio.run(scenario())
+
+
+def test_a_row_the_database_rejects_is_isolated_from_its_batch(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path, park_retry_s=60, batch_size=8) as r:
+            async with r.repository.engine.begin() as conn:  # type: ignore[attr-defined]
+                await conn.execute(text(
+                    "CREATE TRIGGER reject BEFORE INSERT ON predictions "
+                    "WHEN NEW.predicted_class_name = 'Poison' "
+                    "BEGIN SELECT RAISE(ABORT, 'rejected'); END"))
+            await r.drainer.stop(0)  # add the whole batch first, then drain it at once
+            r.drainer._task = None
+            r.drainer._closing = False
+            good = await r.add(3)
+            (poison,) = await r.add(1, name="Poison")
+            good += await r.add(3)
+            r.drainer.start()
+            await r.until(lambda: r.stored() == set(good))
+            await r.until(lambda: r.outbox.parked == 1)
+            assert r.outbox.get(poison) is not None and r.outbox.backlog == 1
+            assert r.drainer.failures_by_reason == {"database_rejected": 1}
+
+    asyncio.run(scenario())
+
+
+def test_stop_drains_within_the_grace_period_and_leaves_the_rest(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            r.store.fail_first = 10**6
+            await r.add(3)
+            await r.until(lambda: r.drainer.failures >= 1)
+            await r.drainer.stop(0.2)
+            assert r.drainer.closing and r.outbox.backlog == 3  # kept for the next start
+        async with rig(tmp_path) as r:
+            await r.until(lambda: r.outbox.backlog == 0)  # resumed and drained
+            assert len(r.stored()) == 3
+
+    asyncio.run(scenario())
+
+
+def test_stop_keeps_draining_what_is_due_then_returns(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            await r.drainer.stop(0)
+            r.drainer._task = None
+            r.drainer._closing = False
+            await r.add(6)
+            r.drainer.start()
+            await r.drainer.stop(30)  # returns once everything due is drained, not after 30 s
+            assert r.outbox.backlog == 0 and len(r.stored()) == 6
+
+    asyncio.run(scenario())
+
+
+def test_cut_short_abandons_the_grace_period(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path, retry_base_s=5, retry_max_s=5) as r:
+            r.store.fail_first = 1
+            await r.add(2)
+            await r.until(lambda: r.drainer.failures >= 1)
+            stopping = asyncio.ensure_future(r.drainer.stop(60))
+            await asyncio.sleep(0.05)
+            assert not stopping.done()
+            r.drainer.cut_short()
+            await asyncio.wait_for(stopping, 10)
+            assert r.outbox.backlog == 2
+
+    asyncio.run(scenario())
+
+
+def test_request_spans_are_remembered_and_forgotten(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            uid = uuid.uuid4()
+            r.drainer.remember_request(uid, None)  # no span: nothing kept
+            assert uid not in r.drainer._request_spans
+            r.drainer.remember_request(uid, "span")  # type: ignore[arg-type]
+            r.drainer._uploaded.add(uid)
+            r.drainer.forget(uid)
+            assert uid not in r.drainer._request_spans
+            assert uid not in r.drainer._uploaded
+
+    asyncio.run(scenario())
