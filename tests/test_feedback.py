@@ -153,13 +153,17 @@ def test_metrics_and_model_info_after_a_scripted_feedback_session(
     info = client.get(MODEL, headers=auth(user)).json()
     version = info["version"]
     assert info["feedback"] == {"count": 0, "agreed": 0, "accuracy": None}
+    # Before any feedback the serving version's series exist (at 0), the accuracy does not.
 
     def scrape(name: str, **labels: str) -> float | None:
         text = client.get("/metrics").text
         return metric_value(text, name, model_version=version, **labels)
 
-    before_true = scrape("inference_feedback_total", agreed="true") or 0
-    before_false = scrape("inference_feedback_total", agreed="false") or 0
+    before_true = scrape("inference_feedback_total", agreed="true")
+    before_false = scrape("inference_feedback_total", agreed="false")
+    assert before_true is not None and before_false is not None
+    assert scrape("inference_feedback_window", agreed="true") == 0
+    assert scrape("inference_feedback_accuracy") is None
     items = [saved(client, user, seed) for seed in range(4)]
     # 3 right, 1 wrong; the wrong one is first marked right, then corrected (a change counts).
     for item in items[:3]:
@@ -173,7 +177,8 @@ def test_metrics_and_model_info_after_a_scripted_feedback_session(
     assert scrape("inference_feedback_total", agreed="true") == before_true + 4
     assert scrape("inference_feedback_total", agreed="false") == before_false + 1
     assert scrape("inference_feedback_accuracy") == 0.75
-    assert scrape("inference_feedback_window") == 4
+    assert scrape("inference_feedback_window", agreed="true") == 3
+    assert scrape("inference_feedback_window", agreed="false") == 1
     model = client.get(MODEL, headers=auth(user)).json()["feedback"]
     assert model == {"count": 4, "agreed": 3, "accuracy": 0.75}
 
@@ -182,6 +187,7 @@ def test_metrics_and_model_info_after_a_scripted_feedback_session(
                          headers=auth(user)).status_code == 204
     assert client.delete(f"{PREDICTIONS}/{last['uid']}", headers=auth(user)).status_code == 204
     assert scrape("inference_feedback_accuracy") == 1.0
-    assert scrape("inference_feedback_window") == 2
+    assert scrape("inference_feedback_window", agreed="true") == 2
+    assert scrape("inference_feedback_window", agreed="false") == 0
     model = client.get(MODEL, headers=auth(user)).json()["feedback"]
     assert model == {"count": 2, "agreed": 2, "accuracy": 1.0}

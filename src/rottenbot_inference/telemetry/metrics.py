@@ -156,14 +156,15 @@ class AccuracyWindow:
         for window in self._versions.values():
             window.pop(uid, None)
 
-    def accuracy(self) -> dict[str, tuple[float, int]]:
-        """version -> (share of agreeing feedback, feedbacks in the window); empty ones left out."""
+    def accuracy(self) -> dict[str, tuple[float, int, int]]:
+        """version -> (share agreeing, agreeing, feedbacks in the window); empty ones left out."""
         with self._lock:
-            return {
-                version: (sum(window.values()) / len(window), len(window))
+            figures = {
+                version: (sum(window.values()), len(window))
                 for version, window in self._versions.items()
                 if window
             }
+        return {version: (agreed / n, agreed, n) for version, (agreed, n) in figures.items()}
 
 
 def record_feedback(model_version: str | None, agreed: bool) -> None:
@@ -359,24 +360,33 @@ _meter.create_observable_counter(
 
 def _online_accuracy(state: AppState) -> Iterable[Observation]:
     if state.predictions is not None:
-        for version, (share, _count) in state.predictions.accuracy.accuracy().items():
+        for version, (share, _agreed, _count) in state.predictions.accuracy.accuracy().items():
             yield Observation(share, _labels(model_version=version))
 
 
 def _window_size(state: AppState) -> Iterable[Observation]:
-    if state.predictions is not None:
-        for version, (_share, count) in state.predictions.accuracy.accuracy().items():
-            yield Observation(count, _labels(model_version=version))
+    """Agreeing and disagreeing feedbacks in the window; the serving version's exist from 0."""
+    if state.predictions is None:
+        return
+    found = state.predictions.accuracy.accuracy()
+    bundle = state.service.bundle
+    if bundle is not None and bundle.version not in found:
+        found[bundle.version] = (0.0, 0, 0)
+    for version, (_share, agreed, count) in found.items():
+        yield Observation(agreed, _labels(model_version=version, agreed="true"))
+        yield Observation(count - agreed, _labels(model_version=version, agreed="false"))
 
 
 _meter.create_observable_gauge(
     "inference_feedback_accuracy", [_observe(_online_accuracy)], unit="1",
     description=f"Share of feedback agreeing with the prediction, per model version, over its "
-    f"latest {FEEDBACK_WINDOW} feedbacks on this replica (online accuracy)",
+    f"latest {FEEDBACK_WINDOW} feedbacks on this replica (online accuracy; absent until the "
+    f"version gets feedback)",
 )
 _meter.create_observable_gauge(
     "inference_feedback_window", [_observe(_window_size)], unit="{feedback}",
-    description="Feedbacks the online accuracy gauge covers now, per model version",
+    description="The feedbacks the online accuracy covers now, per model version, agreeing "
+    "or not (agreed=true|false): sum them over replicas for the fleet's online accuracy",
 )
 
 
@@ -440,6 +450,8 @@ def record_model_load(outcome: str, seconds: float | None = None) -> None:
 
 def record_model_swap(model_version: str) -> None:
     model_swaps.add(1, _labels(model_version=model_version))
+    for agreed in ("true", "false"):  # the version's feedback series exist from 0 on
+        feedback_received.add(0, _labels(model_version=model_version, agreed=agreed))
 
 
 def record_model_reload(trigger: str, outcome: str) -> None:
