@@ -9,6 +9,7 @@ deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -377,13 +378,20 @@ def test_wrong_class_count_is_refused_and_the_old_version_keeps_serving(
 # -- the served process: hot swap under load, refusal, admin, memory -----------------------------
 
 
+# One onnxruntime session of the tiny test model costs about this much RSS: the memory bound
+# across swaps is sized to it, so that a leaked old session shows.
+SESSION_MB = 7.0
+CLIENTS = 4  # concurrent request streams across the swap
+
+
 class RequestStream:
     """A thread sending predict requests one after another, recording every answer."""
 
-    def __init__(self, base_url: str, user: uuid.UUID) -> None:
+    def __init__(self, base_url: str, user: uuid.UUID, pause_s: float = 0.1) -> None:
         self.base_url = base_url
         self.headers = auth(user)
         self.image = photo(7)
+        self.pause_s = pause_s
         self.results: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -412,7 +420,7 @@ class RequestStream:
                 except httpx.HTTPError as exc:
                     self.results.append({"status": -1, "error": repr(exc)})
                 count += 1
-                time.sleep(0.1)  # steady, and leaves CPU for the background conversion
+                time.sleep(self.pause_s)  # steady, and leaves CPU for the background conversion
 
     def versions_seen(self) -> list[str]:
         return [r.get("model_version", "?") for r in self.results]
@@ -462,23 +470,35 @@ def test_hot_swap_under_load_refuses_a_broken_version_and_frees_memory(
         assert info["registry"]["classes_from"] == f"run {run1}"
         assert info["serving_from_cache"] is False
 
-        # -- v2 under a steady request stream: zero non-200 answers ----------------------
+        # -- v2 under concurrent request streams: zero non-200 answers --------------------
+        # Several clients at once, so that requests are in every stage (reading, queued,
+        # computing) at the instant of the swap: a race there would fail one of them.
         user = uuid.uuid4()
-        with RequestStream(base, user) as stream:
-            wait_for(lambda: len(stream.results) >= 5, 120, "the stream to start")
+        streams = [RequestStream(base, user, pause_s=0.02 * (i + 1)) for i in range(CLIENTS)]
+        with contextlib.ExitStack() as running:
+            for stream in streams:
+                running.enter_context(stream)
+            wait_for(lambda: all(len(s.results) >= 5 for s in streams), 120, "the streams")
             v2, run2 = log_model(registry.url, registry.model(2), name)
             set_alias(registry.url, name, "champion", v2)
-            wait_for(lambda: v2 in stream.versions_seen(), 300, f"version {v2} to answer")
-            seen = len(stream.results)
-            wait_for(lambda: len(stream.results) >= seen + 10, 120, "more answers on v2")
-        failures = [r for r in stream.results if r["status"] != 200]
+            wait_for(lambda: all(v2 in s.versions_seen() for s in streams), 300,
+                     f"version {v2} to answer every client")
+            seen = [len(s.results) for s in streams]
+            wait_for(lambda: all(len(s.results) >= n + 10 for s, n in zip(streams, seen,
+                                                                          strict=True)),
+                     120, "more answers on v2")
+        results = [r for s in streams for r in s.results]
+        failures = [r for r in results if r["status"] != 200]
         assert not failures, failures[:5]
-        versions = stream.versions_seen()
-        switch = versions.index(v2)
-        assert set(versions[:switch]) == {v1} and set(versions[switch:]) == {v2}, versions
-        confidences = {r["model_version"]: r["confidence"] for r in stream.results}
+        for stream in streams:  # each client: v1 until the swap, v2 from then on
+            versions = stream.versions_seen()
+            switch = versions.index(v2)
+            assert set(versions[:switch]) == {v1} and set(versions[switch:]) == {v2}, versions
+        confidences = {r["model_version"]: r["confidence"] for r in results}
         assert confidences[v1] != pytest.approx(confidences[v2], abs=1e-6)  # v2 differs
         # Saved rows carry the version that produced them.
+        stream = streams[0]
+        switch = stream.versions_seen().index(v2)
         for result in (stream.results[0], next(r for r in stream.results[switch:]
                                                if r.get("prediction_uid"))):
             saved = httpx.get(f"{base}/api/v1/inference/predictions/{result['prediction_uid']}",
@@ -529,12 +549,20 @@ def test_hot_swap_under_load_refuses_a_broken_version_and_frees_memory(
         rss = [rss_mb(service.pid)]
         for target in (v1, v2) * 3:
             set_alias(registry.url, name, "champion", target)
-            wait_for(lambda t=target: model_info(base)["version"] == t, 120, f"swap to {target}")
-            time.sleep(1.5)  # the manager frees the old bundle ~1 s after the swap
+            # The manager's worker runs one check at a time and answers a reload request
+            # once its check is over: the swap done and the old bundle freed (or, if a poll
+            # swapped first, after that poll's check). No guessed sleep.
+            reloaded = httpx.post(f"{base}{RELOAD}", headers={"X-Admin-Key": ADMIN_KEY},
+                                  timeout=300)
+            assert reloaded.status_code == 200, reloaded.text
+            assert reloaded.json()["version"] == target
             rss.append(rss_mb(service.pid))
         print(f"\nservice RSS (MB) after each swap: {[round(value, 1) for value in rss]}")
         (tmp_path.parent / "mlflow-rss.json").write_text(json.dumps(rss))
-        assert max(rss[3:]) - rss[2] < 40, rss  # no growth per swap beyond noise
+        # After the first two swaps (allocator pools settle), four more may not grow RSS by
+        # 1.5 sessions' worth: one old session leaked per swap would add 4 x SESSION_MB, one
+        # every other swap 2 x. (Measured: within 1.1 MB; docs/models.md.)
+        assert max(rss[3:]) - rss[2] < 1.5 * SESSION_MB, rss
         assert "Traceback" not in service.log_text()
     finally:
         service.stop()
