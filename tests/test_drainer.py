@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from rottenbot_inference.storage.db import PredictionRepository, create_engine, migrate
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
-from rottenbot_inference.storage.failures import Failure, classify
+from rottenbot_inference.storage.failures import REASONS, Failure, classify
 from rottenbot_inference.storage.images import ImageStoreError, LocalImageStore
 from rottenbot_inference.storage.outbox import Outbox
 from tests.test_outbox import record
@@ -71,6 +71,11 @@ def test_failures_are_classified_by_cause() -> None:
     assert classify("outbox", RuntimeError("?")) == Failure("outbox_error", False, "?")
     assert classify("outbox", RuntimeError()).detail == "RuntimeError"
     assert str(Failure("disk_full", False, "no room")) == "disk_full: no room"
+    # Metrics report each known reason from zero: every reason given is among them.
+    given = {classify(stage, exc).reason for stage in ("outbox", "image_store", "database")
+             for exc in (s3_error("AccessDenied"), s3_error("NoSuchBucket"), rejected, lost,
+                         OSError(errno.ENOSPC, "full"), OSError(errno.EROFS, "ro"), down)}
+    assert given | {"unexpected"} <= set(REASONS)
 
 
 def test_backoff_is_exponential_jittered_and_capped() -> None:

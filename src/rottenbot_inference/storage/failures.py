@@ -23,6 +23,14 @@ _S3_NO_BUCKET = {"NoSuchBucket", "404"}
 _DB_REJECTED = ("IntegrityError", "DataError", "ProgrammingError", "NotSupportedError")
 
 
+# Every reason `classify` (and the drainer) can give: metrics report each from zero.
+REASONS = (
+    "image_store_unreachable", "image_store_denied", "image_store_no_bucket",
+    "database_unreachable", "database_rejected", "disk_full", "read_only", "outbox_error",
+    "unexpected",
+)
+
+
 @dataclass(frozen=True)
 class Failure:
     reason: str  # a metric label: image_store_unreachable, database_rejected, disk_full, ...

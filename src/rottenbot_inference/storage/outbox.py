@@ -58,6 +58,10 @@ from rottenbot_inference.storage.records import PredictionRecord
 log = logging.getLogger(__name__)
 
 
+# Why a save can be refused (metrics report each from zero).
+REFUSAL_REASONS = ("items", "bytes", "disk_reserve", "disk_full", "read_only", "closed", "error")
+
+
 class OutboxError(Exception):
     """The outbox cannot accept the save (the API answers 503)."""
 

@@ -16,13 +16,16 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
+
+from rottenbot_inference.storage.failures import REASONS as FAILURE_REASONS
+from rottenbot_inference.storage.outbox import REFUSAL_REASONS
 
 if TYPE_CHECKING:
     from rottenbot_inference.api.state import AppState
@@ -269,8 +272,7 @@ def _drained(state: AppState) -> Iterable[Observation]:
 
 def _drain_failures(state: AppState) -> Iterable[Observation]:
     if state.predictions is not None:
-        for reason, count in state.predictions.drainer.failures_by_reason.items():
-            yield Observation(count, _labels(reason=reason))
+        yield from _by_reason(state.predictions.drainer.failures_by_reason, FAILURE_REASONS)
 
 
 def _outbox_bytes(state: AppState) -> Iterable[Observation]:
@@ -292,8 +294,13 @@ def _outbox_volume(state: AppState) -> Iterable[Observation]:
 
 def _outbox_refused(state: AppState) -> Iterable[Observation]:
     if state.predictions is not None:
-        for reason, count in state.predictions.outbox.refused.items():
-            yield Observation(count, _labels(reason=reason))
+        yield from _by_reason(state.predictions.outbox.refused, REFUSAL_REASONS)
+
+
+def _by_reason(counts: Mapping[str, int], known: Iterable[str]) -> Iterable[Observation]:
+    """Every known reason from zero (so rates and alerts see the first one), then any other."""
+    for reason in dict.fromkeys([*known, *counts]):
+        yield Observation(counts.get(reason, 0), _labels(reason=reason))
 
 
 _meter.create_observable_gauge(
