@@ -12,12 +12,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from rottenbot_inference import __version__
-from rottenbot_inference.api import admin, health, model, predict, predictions
-from rottenbot_inference.api.admission import AdmissionMiddleware
+from rottenbot_inference.api import admin, explain, health, model, predict, predictions
+from rottenbot_inference.api.admission import PREDICT_PATH, AdmissionMiddleware
 from rottenbot_inference.api.disconnect import CancelOnDisconnect
 from rottenbot_inference.api.docs import DOCS_CSP, install_docs
 from rottenbot_inference.api.draining import DrainingMiddleware
 from rottenbot_inference.api.errors import install_error_handlers
+from rottenbot_inference.api.explain_admission import EXPLAIN_PATH, ExplainAdmissionMiddleware
 from rottenbot_inference.api.headers import SecurityHeadersMiddleware
 from rottenbot_inference.api.limits import (
     MULTIPART_OVERHEAD,
@@ -29,6 +30,7 @@ from rottenbot_inference.auth.blocklist import start_blocklist
 from rottenbot_inference.auth.ratelimit import build_rate_limiter
 from rottenbot_inference.auth.tokens import build_verifier
 from rottenbot_inference.heap import freeze_startup_objects
+from rottenbot_inference.inference.explainer import Explainer
 from rottenbot_inference.inference.loader import ModelLoadError
 from rottenbot_inference.inference.reloader import ModelManager
 from rottenbot_inference.inference.service import InferenceService
@@ -106,6 +108,7 @@ def create_app(
             settings=settings, service=service, verifier=verifier, blocklist=blocklist,
             rate_limiter=rate_limiter,
             predictions=store,
+            explainer=Explainer(settings, service),
         )
         app.state.rottenbot = state
         telemetry_metrics.bind_state(state)
@@ -126,6 +129,7 @@ def create_app(
             loading.cancel()
             if state.models is not None:
                 await asyncio.to_thread(state.models.stop)
+            state.explainer.stop()
             await service.stop()
             await store.stop()  # drains for OUTBOX_SHUTDOWN_GRACE_S; the rest stays durable
             await blocklist.close()
@@ -154,8 +158,10 @@ def create_app(
     install_error_handlers(app)
     # Predict only: cancel the work of a client that went away (outside the body limits, so
     # it listens on the raw connection), and shed load before a body is read (admission.py).
-    app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(CancelOnDisconnect, paths=(PREDICT_PATH, EXPLAIN_PATH))
     app.add_middleware(AdmissionMiddleware, settings=settings)
+    # Explanations are shed first: refused while predictions are busy (explain_admission.py).
+    app.add_middleware(ExplainAdmissionMiddleware, retry_after_s=settings.retry_after_s)
     # Inside the telemetry middleware (refusals are counted and logged like any answer),
     # outside everything else: while draining, a new API request is refused before any other
     # work (its body is read and discarded, bounded here).
@@ -169,6 +175,7 @@ def create_app(
     # Added last: outermost, so it also times and counts the body-size limit's early 413s.
     app.add_middleware(TelemetryMiddleware, access_log_enabled=settings.access_log)
     app.include_router(predict.router)
+    app.include_router(explain.router)
     app.include_router(model.router)
     app.include_router(predictions.router)
     app.include_router(health.router)

@@ -134,6 +134,35 @@ class Settings(BaseSettings):
         """MAX_INFLIGHT_REQUESTS, or everything the batcher can hold: queue + one batch."""
         return self.max_inflight_requests or self.queue_capacity + self.max_batch_size
 
+    # --- explanations (heatmaps; see docs/explanations.md) -----------------------------
+    explain_max_concurrent: int = Field(
+        1, ge=1, le=64, description="Explanations computed at once; more get 503 at once"
+    )
+    explain_grid: int = Field(
+        7, ge=2, le=16,
+        description="Heatmap cells per side; one explanation costs EXPLAIN_GRID² + 1 model passes",
+    )
+    explain_batch_size: int = Field(
+        8, ge=1, le=256,
+        description="Occluded pictures per model run; between runs, queued predictions go first",
+    )
+    explain_timeout_s: float = Field(
+        10.0, gt=0, description="An explanation not finished this long after arrival gets 503"
+    )
+    explain_shed_at: int | None = Field(
+        None, ge=1,
+        description="Explanations get 503 while this many predict images are being decoded, "
+        "queued or computed. Default: MAX_BATCH_SIZE",
+    )
+    explain_nice: int = Field(
+        10, ge=0, le=19,
+        description="Niceness of the explanation threads (predictions keep the CPU)",
+    )
+
+    @property
+    def effective_explain_shed_at(self) -> int:
+        return self.explain_shed_at or self.max_batch_size
+
     # --- input limits -------------------------------------------------------------------
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Larger uploads get 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images get 413")
@@ -191,7 +220,7 @@ class Settings(BaseSettings):
     )
 
     @field_validator("max_inflight_requests", "rate_limit_per_minute", "rate_limit_burst",
-                     mode="before")
+                     "explain_shed_at", mode="before")
     @classmethod
     def _empty_limit_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -118,3 +118,22 @@ class HealthOut(BaseModel):
     status: str
     detail: str | None = None
     model_version: str | None = None
+
+
+class ExplanationOut(BaseModel):
+    """A prediction and the occlusion heatmap of one class (see docs/explanations.md)."""
+
+    predicted_class: int = Field(description="Index of the most probable class")
+    predicted_class_name: str = Field(description="e.g. Banana__Rotten")
+    confidence: float = Field(description="Softmax probability of that class, 0-1")
+    model_version: str = Field(description="Version of the model that answered")
+    class_name: str = Field(description="The class the heatmap explains")
+    class_confidence: float = Field(description="Softmax probability of the explained class")
+    method: str = Field(description="How the heatmap was computed: occlusion")
+    rows: int = Field(description="Grid rows (top to bottom)")
+    cols: int = Field(description="Grid columns (left to right)")
+    grid: list[list[float]] = Field(
+        description="rows x cols: how much hiding each cell lowers the explained class's "
+        "log-probability (> 0: the answer relies on that part of the picture)"
+    )
+    passes: int = Field(description="Model passes the explanation took")

@@ -77,6 +77,11 @@ class InferenceService:
         serving = self._serving
         return None if serving is None else serving[0]
 
+    @property
+    def serving(self) -> tuple[ModelBundle, ImagePreprocessor] | None:
+        """The current model and its preprocessor, as one pair (None before the first load)."""
+        return self._serving
+
     def install(self, bundle: ModelBundle) -> None:
         """Make `bundle` the model for new requests (queued ones finish on theirs).
 

@@ -1,0 +1,197 @@
+"""Explanations as background work that never gets in the way of predictions.
+
+- Own threads (EXPLAIN_MAX_CONCURRENT of them), each lowered to EXPLAIN_NICE: when the cores are
+  contended, the inference and decode threads win. The masked pictures run through the serving
+  model's runtime directly (same ONNX Runtime session, `ModelBundle.predict`), never through
+  the predict queue, so an explanation adds no queue wait in front of a prediction.
+- Between two model runs (EXPLAIN_BATCH_SIZE pictures each) the thread stands aside while any
+  prediction waits in the batcher queue; the time spent so counts against the explanation's
+  deadline (EXPLAIN_TIMEOUT_S from arrival), never the prediction's.
+- `refusal()` is asked before a request's body is read (api/explain_admission.py): over the
+  concurrency cap (`explain_busy`) or while EXPLAIN_SHED_AT predict images are in the pipeline
+  (`explain_shed`), explanations get 503 + Retry-After while predictions are still admitted.
+
+With INFERENCE_THREADS > 1 the model's own thread pool runs at normal priority; the defaults
+(one single-threaded inference worker per CPU) keep all of an explanation's work in its thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from rottenbot_inference.inference.batcher import DeadlineExceeded
+from rottenbot_inference.inference.bundle import ModelBundle
+from rottenbot_inference.inference.explain import Heatmap, occlusion_heatmap
+from rottenbot_inference.inference.images import ImagePreprocessor, PreparedImage
+from rottenbot_inference.inference.service import InferenceService
+from rottenbot_inference.settings import Settings
+from rottenbot_inference.telemetry import explain_metrics
+
+log = logging.getLogger(__name__)
+
+_YIELD_S = 0.002  # how long the thread sleeps between two looks at the predict queue
+
+
+class UnknownClass(ValueError):
+    """The class to explain is not one of the serving model's classes."""
+
+
+class ExplanationCancelled(Exception):
+    """The client went away; the explanation stopped at its next model run."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    heatmap: Heatmap
+    image: PreparedImage  # the model input, and the upload's size (for the overlay)
+    model_name: str
+    model_version: str
+    class_names: tuple[str, ...]
+    elapsed_ms: float  # in the explanation thread: decode, model runs and yields
+    yielded_ms: float  # of which: standing aside for predictions
+
+
+def _lower_priority(niceness: int) -> None:
+    """Thread initializer: raise this thread's niceness (Linux: per thread)."""
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except OSError:  # not permitted (or not per-thread here): run at normal priority
+        log.debug("could not lower the explanation thread's priority", exc_info=True)
+
+
+class Explainer:
+    """Admission counters (event loop) + the explanation threads; see the module docstring."""
+
+    def __init__(self, settings: Settings, service: InferenceService) -> None:
+        self.settings = settings
+        self.service = service
+        self.max_concurrent = settings.explain_max_concurrent
+        self.shed_at = settings.effective_explain_shed_at
+        self.active = 0  # admitted explanation requests (event loop only)
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.max_concurrent,
+            thread_name_prefix="explain",
+            initializer=_lower_priority,
+            initargs=(settings.explain_nice,),
+        )
+
+    # -- admission (event loop) ----------------------------------------------------------
+
+    def refusal(self) -> str | None:
+        """Why one more explanation may not start now (None: it may)."""
+        if self.active >= self.max_concurrent:
+            return "explain_busy"
+        if self.service.pace.active >= self.shed_at:
+            return "explain_shed"
+        return None
+
+    def admit(self) -> None:
+        self.active += 1
+        explain_metrics.admitted(1)
+
+    def release(self) -> None:
+        self.active -= 1
+        explain_metrics.admitted(-1)
+
+    # -- the work --------------------------------------------------------------------------
+
+    def class_index(self, bundle: ModelBundle, class_name: str | None) -> int | None:
+        """The index of `class_name` in the model's classes (None: explain the top class)."""
+        if class_name is None:
+            return None
+        try:
+            return bundle.class_names.index(class_name)
+        except ValueError:
+            raise UnknownClass(class_name) from None
+
+    async def explain(
+        self, data: bytes, class_name: str | None, deadline: float
+    ) -> Explanation:
+        """Decode `data` and explain `class_name` (default: the top class) for it.
+
+        Raises ImageError (bad upload), UnknownClass, DeadlineExceeded; cancelling the caller
+        stops the thread at its next model run.
+        """
+        serving = self.service.serving
+        if serving is None:
+            raise RuntimeError("no model is loaded yet")
+        bundle, preprocessor = serving
+        index = self.class_index(bundle, class_name)
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            explanation = await loop.run_in_executor(
+                self._pool, self._run, bundle, preprocessor, data, index, deadline, stop
+            )
+        except asyncio.CancelledError:
+            stop.set()
+            explain_metrics.record_outcome("cancelled")
+            raise
+        except DeadlineExceeded:
+            explain_metrics.record_outcome("deadline")
+            raise
+        except Exception:
+            explain_metrics.record_outcome("error")
+            raise
+        explain_metrics.record_outcome("ok")
+        explain_metrics.record_duration(explanation.elapsed_ms, explanation.yielded_ms)
+        return explanation
+
+    def _run(
+        self,
+        bundle: ModelBundle,
+        preprocessor: ImagePreprocessor,
+        data: bytes,
+        class_index: int | None,
+        deadline: float,
+        stop: threading.Event,
+    ) -> Explanation:
+        started = time.perf_counter()
+        yielded = 0.0
+        batcher = self.service.batcher
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            nonlocal yielded
+            while True:
+                if stop.is_set():
+                    raise ExplanationCancelled("the client went away")
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded("the explanation's deadline passed")
+                if batcher.queued == 0:
+                    break
+                pause = time.perf_counter()
+                time.sleep(_YIELD_S)
+                yielded += time.perf_counter() - pause
+            return bundle.predict(batch)
+
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded("the explanation's deadline passed before it started")
+        image = preprocessor.prepare(data)
+        grid = self.settings.explain_grid
+        heatmap = occlusion_heatmap(
+            image.pixels, predict, bundle.class_names, grid, grid,
+            self.settings.explain_batch_size, class_index,
+        )
+        return Explanation(
+            heatmap=heatmap,
+            image=image,
+            model_name=bundle.name,
+            model_version=bundle.version,
+            class_names=bundle.class_names,
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+            yielded_ms=yielded * 1000,
+        )
+
+    def stop(self) -> None:
+        """Stop taking work; running explanations finish (their callers are gone)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
