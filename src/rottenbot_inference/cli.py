@@ -210,3 +210,66 @@ def token(user_uid: uuid.UUID | None, ttl: int, refresh: bool) -> None:
             refresh=refresh,
         )
     )
+
+
+@main.command("export-dataset")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (created; a re-run resumes it).")
+@click.option("--since", type=click.DateTime(), default=None,
+              help="Only predictions made at or after this time (UTC).")
+@click.option("--until", type=click.DateTime(), default=None,
+              help="Only predictions made before this time (UTC).")
+@click.option("--model-version", default=None, help="Only this model version's predictions.")
+@click.option("--labels", type=click.Choice(["feedback", "predicted", "both"]), default="both",
+              show_default=True,
+              help="feedback: owners' corrections only; predicted: the predicted class; both: "
+              "feedback where given, else the prediction.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Predicted labels only at or above this confidence.")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), default=None,
+              help="index_to_class.json giving the class order [default: the model's, beside "
+              "MODEL_PATH / CLASSES_PATH].")
+@click.option("--jobs", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Parallel downloads.")
+@click.option("--salt", envvar="EXPORT_USER_SALT", default=None,
+              help="Hex salt for the user hashes [env EXPORT_USER_SALT; default: a random one "
+              "kept in OUT/.export-salt].")
+def export_dataset(
+    out: Path, since: object, until: object, model_version: str | None, labels: str,
+    min_confidence: float, classes_file: Path | None, jobs: int, salt: str | None,
+) -> None:
+    """Export saved predictions as OUT/<class>/<uid>.<ext> + manifest.csv (for training).
+
+    Reads the database and image store the service uses (DATABASE_URL, S3 settings). Exit
+    status 3: the database cannot be reached; 4: the image store cannot be reached.
+    """
+    import asyncio
+
+    from rottenbot_inference.storage.export import ExportError, ExportFilter
+    from rottenbot_inference.storage.export_cli import run_export, utc
+
+    settings = Settings()
+    _configure_logging(settings.model_copy(update={"log_level": "warning"}))
+    selection = ExportFilter(
+        since=utc(since), until=utc(until), model_version=model_version,
+        labels=labels,  # type: ignore[arg-type]
+        min_confidence=min_confidence,
+    )
+    try:
+        salt_bytes = bytes.fromhex(salt) if salt else None
+    except ValueError as exc:
+        raise click.BadParameter("the salt must be hex", param_hint="--salt") from exc
+    try:
+        summary = asyncio.run(
+            run_export(settings, out, selection, classes_file, jobs, salt_bytes)
+        )
+    except ExportError as exc:
+        click.echo(f"export-dataset: {exc}", err=True)
+        sys.exit(exc.code)
+    click.echo(
+        f"{summary.total} images in {out} ({summary.exported} downloaded, {summary.reused} "
+        f"already there); {summary.duplicates} duplicates, {summary.missing} missing, "
+        f"{summary.unknown_class} with an unknown class skipped; {summary.removed} stale "
+        "files removed"
+    )

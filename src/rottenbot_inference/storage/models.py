@@ -94,6 +94,15 @@ class Feedback(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
 
+class UserErasure(Base):
+    """A user whose data is being erased (migration 0003); deleted once nothing is left."""
+
+    __tablename__ = "user_erasures"
+
+    user_uid: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    requested_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
 Index("ix_prediction_feedback_model_version_updated", Feedback.model_version, Feedback.updated_at)
 
 
