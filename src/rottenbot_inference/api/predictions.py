@@ -11,7 +11,8 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from rottenbot_inference.api.deps import CurrentUser
@@ -122,6 +123,54 @@ async def list_predictions(
         raise HTTPException(status_code=400, detail=str(exc)) from None
     items = [_out(item) for item in page.items]
     return PredictionPageOut(items=items, next_cursor=page.next_cursor)
+
+
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={**_RESPONSES, 200: {"content": {"application/zip": {}},
+                                   "description": "images/<uid>.<ext> and manifest.json"}},
+    summary="All of the caller's saved predictions as a zip (streamed)",
+)
+async def export_predictions(user: CurrentUser, store: Store) -> Response:
+    from rottenbot_inference.storage.user_zip import zip_stream
+
+    await store.list(user.user_uid, limit=1)  # fail early (503) rather than mid-stream
+    headers = {
+        "Content-Disposition": 'attachment; filename="rottenbot-predictions.zip"',
+        "Cache-Control": "no-store",
+    }
+    return StreamingResponse(
+        zip_stream(store, user.user_uid, lambda saved: _out(saved).model_dump(
+            mode="json", exclude_none=True)),
+        media_type="application/zip", headers=headers,
+    )
+
+
+class ErasureOut(BaseModel):
+    status: str = Field(description="pending: recorded, completed in the background")
+    detail: str
+
+
+@router.delete(
+    "",
+    status_code=204,
+    response_class=Response,
+    responses={
+        **_RESPONSES,
+        202: {"model": ErasureOut, "description": "Recorded; completes in the background"},
+    },
+    summary="Erase all of the caller's saved predictions, feedback and images",
+)
+async def erase_predictions(user: CurrentUser, store: Store) -> Response:
+    if await store.erasures.request(user.user_uid):
+        return Response(status_code=204)
+    body = ErasureOut(
+        status="pending",
+        detail="The erasure is recorded and will complete as soon as the database and image "
+        "store can be reached; repeat this request to see whether it has.",
+    )
+    return JSONResponse(body.model_dump(), status_code=202)
 
 
 @router.get(

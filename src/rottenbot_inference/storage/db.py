@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 
 from rottenbot_inference.settings import Settings
-from rottenbot_inference.storage.models import Feedback, Prediction
+from rottenbot_inference.storage.models import Feedback, Prediction, UserErasure
 from rottenbot_inference.storage.records import FeedbackRecord, PredictionRecord
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ VERSION_TABLE = "rottenbot_inference_alembic_version"
 MIGRATION_LOCK_KEY = int.from_bytes(b"rottenbt", "big") & 0x7FFF_FFFF_FFFF_FFFF
 _TABLE = Prediction.__table__
 _FEEDBACK = Feedback.__table__
+_ERASURES = UserErasure.__table__
 
 
 def database_url(settings: Settings) -> URL:
@@ -305,6 +306,20 @@ class PredictionRepository:
         query = select(_TABLE.c.image_path).where(_TABLE.c.user_uid == user_uid).limit(limit)
         async with self.engine.connect() as conn:
             return [row[0] for row in (await conn.execute(query)).all()]
+
+    async def mark_erasure(self, user_uid: uuid.UUID, requested_at: dt.datetime) -> None:
+        """Note that the user's data is being erased (the export skips them from now on)."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        statement = insert(_ERASURES).values(user_uid=user_uid, requested_at=requested_at)
+        async with self.engine.begin() as conn:
+            await conn.execute(statement.on_conflict_do_nothing(index_elements=["user_uid"]))
+
+    async def unmark_erasure(self, user_uid: uuid.UUID) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(_ERASURES).where(_ERASURES.c.user_uid == user_uid))
 
     async def delete_rows(self, user_uid: uuid.UUID, image_paths: Sequence[str]) -> int:
         """Delete the user's rows with these keys, and their feedback."""

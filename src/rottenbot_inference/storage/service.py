@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from rottenbot_inference.heap import freeze_startup_objects
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
+from rottenbot_inference.storage.erasure import Erasures
 from rottenbot_inference.storage.images import ImageStore, ImageStoreError, StoredImage
 from rottenbot_inference.storage.outbox import Outbox, OutboxError
 from rottenbot_inference.storage.records import (
@@ -154,6 +155,7 @@ class PredictionStore:
         self._refusing: str | None = None  # why saves are being refused, if they are
         self._opening: asyncio.Task[None] | None = None  # retrying an outbox that failed to open
         self.accuracy = metrics.AccuracyWindow()  # online accuracy by model version (feedback)
+        self.erasures = Erasures(self, settings.data_dir / "erasures")  # DELETE all of a user's
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -202,6 +204,7 @@ class PredictionStore:
         self.drainer.attach(self.images, self.repository)
         self.drainer.start()
         self._connected.set()
+        self.erasures.retry_later()  # erasures a previous process could not finish
         if not self._schema_ready:
             self._migrating = asyncio.create_task(self._migrate_until_done(), name="migrate")
 
@@ -256,6 +259,7 @@ class PredictionStore:
             self._migrating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._migrating
+        await self.erasures.stop()  # unfinished ones stay in the journal for the next start
         remaining_s = 0.0 if self._hurried else max(0.0, deadline - loop.time())
         await self.drainer.stop(remaining_s)
         await self.outbox.close()
