@@ -217,7 +217,7 @@ def test_outbox_full_answers_503_with_retry_after(make_client: Callable[..., Tes
         assert save(client, user, seed=seed).status_code == 200
     response = save(client, user, seed=9)
     assert response.status_code == 503
-    assert int(response.headers["retry-after"]) >= 0
+    assert response.headers["retry-after"] == "1"  # RETRY_AFTER_S
     assert "retry" in response.json()["detail"].lower()
     # Predictions without saving still work while the outbox is full.
     plain = client.post(PREDICT, files={"file": ("a.jpg", solid_jpeg((0, 0, 0)), "image/jpeg")},
@@ -234,7 +234,7 @@ def test_pending_saves_are_visible_deletable_and_survive_a_restart(
     uids = [save(client, user, image=photo).json()["prediction_uid"] for _ in range(4)]
     store = client.app.state.rottenbot.predictions  # type: ignore[attr-defined]
     poll(lambda: store.drainer.failures > 0, message="the dead store was never tried")
-    assert store.backlog == 4 and store.oldest_pending_age_s >= 0
+    assert store.backlog == 4 and 0 < store.oldest_pending_age_s < 300
 
     # Read-your-writes while storage is down: listed, fetched, image served from the outbox.
     items = history(client, user, limit=3)
