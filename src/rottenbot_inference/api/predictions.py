@@ -8,7 +8,7 @@ metadata: the original service stored images without a content type.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -228,10 +228,19 @@ async def delete_prediction(user: CurrentUser, store: Store, uid: uuid.UUID) -> 
 
 # --- feedback ------------------------------------------------------------------------------
 PENDING_RETRY_S = 2
+
+
+class FeedbackErrorOut(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(
+        description="Unknown class: a sentence listing the valid classes; malformed body: "
+        "the validation errors"
+    )
+
 _FEEDBACK_RESPONSES: dict[int | str, dict[str, object]] = {
     **_RESPONSES,
     409: {"model": ErrorOut, "description": "The save is still pending; see Retry-After"},
-    422: {"model": ErrorOut, "description": "Unknown class (the valid ones are listed)"},
+    422: {"model": FeedbackErrorOut,
+          "description": "Unknown class (the valid ones are listed), or a malformed body"},
 }
 
 
