@@ -57,6 +57,7 @@ def test_explain_answers_the_prediction_and_a_heatmap(demo) -> None:
     assert body["predicted_class_name"] == predicted["predicted_class_name"]
     assert body["confidence"] == pytest.approx(predicted["confidence"], abs=1e-4)
     assert body["class_name"] == body["predicted_class_name"]  # default: the top class
+    assert body["versus"] == body["class_name"].replace("Rotten", "Healthy")  # its counterpart
     assert body["method"] == "occlusion"
     assert (body["rows"], body["cols"], body["passes"]) == (5, 5, 26)
     grid = np.array(body["grid"])
@@ -72,13 +73,21 @@ def test_explain_a_chosen_class(demo) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["class_name"] == "Apple__Healthy"
+    assert body["versus"] == "Apple__Rotten"
     assert body["class_confidence"] < body["confidence"]
+    alone = client.post(
+        EXPLAIN, params={"class_name": "Apple__Healthy", "versus": "none"}, files=_file(_photo()),
+        headers=auth(),
+    ).json()
+    assert alone["versus"] is None
+    assert alone["grid"] != body["grid"]
 
 
 @pytest.mark.parametrize(
     ("params", "files", "headers", "status"),
     [
         ({"class_name": "Durian__Rotten"}, "photo", "auth", 422),
+        ({"versus": "Durian__Healthy"}, "photo", "auth", 422),
         ({"format": "gif"}, "photo", "auth", 422),
         ({"top_k": "3"}, "photo", "auth", 422),  # not a parameter of /explain
         ({}, "text", "auth", 400),

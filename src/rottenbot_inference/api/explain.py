@@ -24,6 +24,7 @@ from rottenbot_inference.api.query import reject_unknown_query_params
 from rottenbot_inference.api.ratelimit import RateLimited
 from rottenbot_inference.api.schemas import ErrorOut, ExplanationOut
 from rottenbot_inference.inference.batcher import DeadlineExceeded
+from rottenbot_inference.inference.explain import Heatmap
 from rottenbot_inference.inference.explainer import Explainer, Explanation, UnknownClass
 from rottenbot_inference.inference.images import ImageError, check_declared_type
 from rottenbot_inference.inference.overlay import overlay_png
@@ -48,6 +49,15 @@ ClassName = Annotated[
     str | None,
     Query(max_length=200, description="Class to explain, e.g. Banana__Rotten (default: top)"),
 ]
+Versus = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="Contrast class: the heatmap shows why class_name rather than this one. "
+        "Default: the same produce's other state (Banana__Rotten <-> Banana__Healthy), so a "
+        "rotten class's heatmap shows where the rot is; 'none': no contrast",
+    ),
+]
 Format = Annotated[
     Literal["json", "png"] | None,
     Query(
@@ -70,12 +80,14 @@ def _wants_png(request: Request, output: str | None) -> bool:
     return PNG in accept and "application/json" not in accept
 
 
-def _unknown_class(name: str, classes: tuple[str, ...]) -> RequestValidationError:
+def _unknown_class(
+    parameter: str, name: str, classes: tuple[str, ...]
+) -> RequestValidationError:
     return RequestValidationError(
         [
             {
                 "type": "enum",
-                "loc": ("query", "class_name"),
+                "loc": ("query", parameter),
                 "msg": f"Unknown class '{name}'; the model's classes: {', '.join(classes)}",
                 "input": name,
             }
@@ -84,7 +96,7 @@ def _unknown_class(name: str, classes: tuple[str, ...]) -> RequestValidationErro
 
 
 async def _explain(
-    request: Request, state: ReadyState, data: bytes, class_name: str | None
+    request: Request, state: ReadyState, data: bytes, class_name: str | None, versus: str | None
 ) -> Explanation:
     """Run the explanation; map its failures to the API's errors."""
     explainer = _explainer(state)
@@ -92,10 +104,11 @@ async def _explain(
     deadline = request_deadline(request, settings) - settings.request_timeout_s
     deadline += settings.explain_timeout_s
     try:
-        return await explainer.explain(data, class_name, deadline)
-    except UnknownClass:
+        return await explainer.explain(data, class_name, versus, deadline)
+    except UnknownClass as exc:
         bundle = state.service.bundle
-        raise _unknown_class(class_name or "", bundle.class_names if bundle else ()) from None
+        classes = bundle.class_names if bundle else ()
+        raise _unknown_class(exc.parameter, exc.name, classes) from None
     except ImageError:
         record_outcome("bad_input")
         raise
@@ -113,7 +126,7 @@ def _answer(explanation: Explanation, png: bool) -> ExplanationOut | Response:
         image = explanation.image
         body = overlay_png(image.pixels, heatmap, image.width, image.height)
         return Response(
-            body, media_type=PNG, headers={"X-Explained-Class": heatmap.class_name}
+            body, media_type=PNG, headers=_png_headers(heatmap)
         )
     probabilities = heatmap.probabilities
     best = int(probabilities.argmax())
@@ -124,12 +137,20 @@ def _answer(explanation: Explanation, png: bool) -> ExplanationOut | Response:
         model_version=explanation.model_version,
         class_name=heatmap.class_name,
         class_confidence=float(probabilities[heatmap.class_index]),
+        versus=heatmap.versus_name,
         method=heatmap.method,
         rows=heatmap.rows,
         cols=heatmap.cols,
         grid=[[round(float(v), 4) for v in row] for row in heatmap.grid],
         passes=heatmap.passes,
     )
+
+
+def _png_headers(heatmap: Heatmap) -> dict[str, str]:
+    headers = {"X-Explained-Class": heatmap.class_name}
+    if heatmap.versus_name is not None:
+        headers["X-Explained-Versus"] = heatmap.versus_name
+    return headers
 
 
 @router.post(
@@ -152,6 +173,7 @@ async def explain(
     _: Annotated[None, Depends(reject_unknown_query_params)],
     file: Annotated[UploadFile, File(description="JPEG or PNG image")],
     class_name: ClassName = None,
+    versus: Versus = None,
     output: Format = None,
 ) -> ExplanationOut | Response:
     check_declared_type(file.content_type)
@@ -159,7 +181,7 @@ async def explain(
     if file.size is not None and file.size > limit:
         raise PayloadTooLarge(upload_too_large(limit))
     data = await file.read()
-    explanation = await _explain(request, state, data, class_name)
+    explanation = await _explain(request, state, data, class_name, versus)
     return _answer(explanation, _wants_png(request, output))
 
 
@@ -181,6 +203,7 @@ async def saved_explanation(
     _: Annotated[None, Depends(reject_unknown_query_params)],
     uid: uuid.UUID,
     class_name: ClassName = None,
+    versus: Versus = None,
 ) -> Response:
     store = state.predictions
     if store is None:
@@ -197,7 +220,7 @@ async def saved_explanation(
     if class_name is None and bundle is not None:
         saved_class = saved.record.predicted_class_name
         class_name = saved_class if saved_class in bundle.class_names else None
-    explanation = await _explain(request, state, data, class_name)
+    explanation = await _explain(request, state, data, class_name, versus)
     answer = _answer(explanation, png=True)
     assert isinstance(answer, Response)
     answer.headers["Cache-Control"] = "private, no-store"

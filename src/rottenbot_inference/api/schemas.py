@@ -129,11 +129,16 @@ class ExplanationOut(BaseModel):
     model_version: str = Field(description="Version of the model that answered")
     class_name: str = Field(description="The class the heatmap explains")
     class_confidence: float = Field(description="Softmax probability of the explained class")
+    versus: str | None = Field(
+        description="The contrast class (the heatmap shows why class_name rather than it), "
+        "or null"
+    )
     method: str = Field(description="How the heatmap was computed: occlusion")
     rows: int = Field(description="Grid rows (top to bottom)")
     cols: int = Field(description="Grid columns (left to right)")
     grid: list[list[float]] = Field(
-        description="rows x cols: how much hiding each cell lowers the explained class's "
-        "log-probability (> 0: the answer relies on that part of the picture)"
+        description="rows x cols, top row first: how much hiding each cell lowers log "
+        "p(class_name) - log p(versus) (log p(class_name) without versus); > 0: the answer "
+        "relies on that part of the picture"
     )
     passes: int = Field(description="Model passes the explanation took")

@@ -3,12 +3,17 @@
 Model-agnostic and forward-only: the model input is cut into a `rows` x `cols` grid; for each
 cell, a copy of the input with that cell painted over in the picture's mean colour is run
 through the model (in batches, through the same runtime as predictions). A cell's value is how
-much hiding it lowers the explained class's log-probability:
+much hiding it lowers the explained score:
 
-    value(cell) = log p(class | picture) - log p(class | picture with the cell hidden)
+    value(cell) = score(picture) - score(picture with the cell hidden)
+    score = log p(class)                      (no contrast class)
+          = log p(class) - log p(versus)      (with a contrast class `versus`)
 
-Positive: the answer relies on what is in that cell; near 0: it does not; negative: what is in
-the cell argues against the class. Cost: rows x cols + 1 model passes per explanation.
+With a contrast the heatmap answers "why this class rather than that one": for RottenBot,
+"Banana__Rotten rather than Banana__Healthy", i.e. where the rot is, instead of everything
+that makes it a banana (see `counterpart`). Positive: the answer relies on what is in that
+cell; near 0: it does not; negative: what is there argues against it. Cost: rows x cols + 1
+model passes per explanation.
 
 Only numpy here: scheduling (priority, concurrency, deadlines) is in `explainer.py`, the
 picture overlay in `overlay.py`.
@@ -23,15 +28,17 @@ import numpy as np
 
 METHOD = "occlusion"
 _FLOOR = 1e-7  # probabilities below this are taken as this (log of 0 is -inf)
+_STATES = ("Healthy", "Rotten")
 
 
 @dataclass(frozen=True)
 class Heatmap:
-    """One explanation: the grid of log-probability drops, and for which class."""
+    """One explanation: the grid of score drops, and for which class (versus which)."""
 
     grid: np.ndarray  # float32 (rows, cols); see the module docstring
     class_index: int
     class_name: str
+    versus_name: str | None  # the contrast class, or None
     probabilities: np.ndarray  # the unmasked picture's (classes,) probabilities
     passes: int  # model passes run (cells + 1)
     method: str = METHOD
@@ -44,10 +51,15 @@ class Heatmap:
     def cols(self) -> int:
         return int(self.grid.shape[1])
 
-    def peak(self) -> tuple[int, int]:
-        """(row, col) of the largest value (the first one on ties)."""
-        row, col = np.unravel_index(int(np.argmax(self.grid)), self.grid.shape)
-        return int(row), int(col)
+
+def counterpart(class_names: tuple[str, ...], index: int) -> int | None:
+    """The same produce's other state (`Banana__Rotten` <-> `Banana__Healthy`), if the model
+    has it; None for class names that do not follow `<Produce>__<Healthy|Rotten>`."""
+    produce, _, state = class_names[index].rpartition("__")
+    if not produce or state not in _STATES:
+        return None
+    other = f"{produce}__{_STATES[1 - _STATES.index(state)]}"
+    return class_names.index(other) if other in class_names else None
 
 
 def cell_edges(size: int, cells: int) -> np.ndarray:
@@ -79,28 +91,43 @@ def occlusion_heatmap(
     cols: int,
     batch_size: int,
     class_index: int | None = None,
+    versus_index: int | None = None,
+    versus_counterpart: bool = False,
 ) -> Heatmap:
     """Run the occlusion method with `predict` ((N, H, W, C) -> (N, classes) probabilities).
 
-    `class_index` None: the top class of the unmasked picture. `predict` is called once for
-    the picture and once per batch of occluded copies; a caller that must yield to other work
-    or honour a deadline does so inside `predict`.
+    `class_index` None: the top class of the unmasked picture. `versus_index`: the contrast
+    class (None: none, or with `versus_counterpart` the explained class's `counterpart`).
+    `predict` is called once for the picture and once per batch of
+    occluded copies; a caller that must yield to other work or honour a deadline does so
+    inside `predict`.
     """
     if rows < 1 or cols < 1 or batch_size < 1:
         raise ValueError("rows, cols and batch_size must be at least 1")
-    probabilities = predict(pixels[None].astype(np.float32, copy=False))[0]
+    pixels = pixels.astype(np.float32, copy=False)
+    probabilities = predict(pixels[None])[0]
     if class_index is None:
         class_index = int(np.argmax(probabilities))
-    base = np.log(max(float(probabilities[class_index]), _FLOOR))
-    scores: list[np.ndarray] = []
-    for batch in occluded_batches(pixels.astype(np.float32, copy=False), rows, cols, batch_size):
-        scores.append(predict(batch)[:, class_index])
-    hidden = np.concatenate(scores).astype(np.float64)
-    grid = (base - np.log(np.maximum(hidden, _FLOOR))).reshape(rows, cols).astype(np.float32)
+    if versus_index is None and versus_counterpart:
+        versus_index = counterpart(class_names, class_index)
+    if versus_index == class_index:
+        versus_index = None
+
+    def score(p: np.ndarray) -> np.ndarray:
+        value = np.log(np.maximum(p[..., class_index].astype(np.float64), _FLOOR))
+        if versus_index is not None:
+            value -= np.log(np.maximum(p[..., versus_index].astype(np.float64), _FLOOR))
+        return value
+
+    base = score(probabilities)
+    hidden = np.concatenate(
+        [score(predict(batch)) for batch in occluded_batches(pixels, rows, cols, batch_size)]
+    )
     return Heatmap(
-        grid=grid,
+        grid=(base - hidden).reshape(rows, cols).astype(np.float32),
         class_index=class_index,
         class_name=class_names[class_index],
+        versus_name=None if versus_index is None else class_names[versus_index],
         probabilities=probabilities,
         passes=rows * cols + 1,
     )

@@ -40,8 +40,25 @@ log = logging.getLogger(__name__)
 _YIELD_S = 0.002  # how long the thread sleeps between two looks at the predict queue
 
 
+NO_CONTRAST = "none"  # `versus` value: explain the class on its own
+
+
 class UnknownClass(ValueError):
-    """The class to explain is not one of the serving model's classes."""
+    """A class to explain (or to contrast with) is not one of the serving model's classes."""
+
+    def __init__(self, parameter: str, name: str) -> None:
+        super().__init__(f"{parameter}={name!r}")
+        self.parameter = parameter
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to explain: a class (None: the top one) against another (or its counterpart)."""
+
+    class_index: int | None
+    versus_index: int | None
+    versus_counterpart: bool
 
 
 class ExplanationCancelled(Exception):
@@ -105,19 +122,22 @@ class Explainer:
 
     # -- the work --------------------------------------------------------------------------
 
-    def class_index(self, bundle: ModelBundle, class_name: str | None) -> int | None:
-        """The index of `class_name` in the model's classes (None: explain the top class)."""
+    @staticmethod
+    def class_index(bundle: ModelBundle, class_name: str | None, name: str) -> int | None:
+        """The index of `class_name` in the model's classes (None for None)."""
         if class_name is None:
             return None
         try:
             return bundle.class_names.index(class_name)
         except ValueError:
-            raise UnknownClass(class_name) from None
+            raise UnknownClass(name, class_name) from None
 
     async def explain(
-        self, data: bytes, class_name: str | None, deadline: float
+        self, data: bytes, class_name: str | None, versus: str | None, deadline: float
     ) -> Explanation:
-        """Decode `data` and explain `class_name` (default: the top class) for it.
+        """Decode `data` and explain `class_name` (default: the top class) for it, against
+        `versus` (default: the class's counterpart, see `explain.counterpart`; NO_CONTRAST:
+        against nothing).
 
         Raises ImageError (bad upload), UnknownClass, DeadlineExceeded; cancelling the caller
         stops the thread at its next model run.
@@ -126,12 +146,16 @@ class Explainer:
         if serving is None:
             raise RuntimeError("no model is loaded yet")
         bundle, preprocessor = serving
-        index = self.class_index(bundle, class_name)
+        target = Target(
+            self.class_index(bundle, class_name, "class_name"),
+            None if versus == NO_CONTRAST else self.class_index(bundle, versus, "versus"),
+            versus is None,
+        )
         stop = threading.Event()
         loop = asyncio.get_running_loop()
         try:
             explanation = await loop.run_in_executor(
-                self._pool, self._run, bundle, preprocessor, data, index, deadline, stop
+                self._pool, self._run, bundle, preprocessor, data, target, deadline, stop
             )
         except asyncio.CancelledError:
             stop.set()
@@ -152,7 +176,7 @@ class Explainer:
         bundle: ModelBundle,
         preprocessor: ImagePreprocessor,
         data: bytes,
-        class_index: int | None,
+        target: Target,
         deadline: float,
         stop: threading.Event,
     ) -> Explanation:
@@ -180,7 +204,8 @@ class Explainer:
         grid = self.settings.explain_grid
         heatmap = occlusion_heatmap(
             image.pixels, predict, bundle.class_names, grid, grid,
-            self.settings.explain_batch_size, class_index,
+            self.settings.explain_batch_size, target.class_index, target.versus_index,
+            target.versus_counterpart,
         )
         return Explanation(
             heatmap=heatmap,
