@@ -314,3 +314,39 @@ def test_unreachable_database_or_image_store_is_a_clear_nonzero_exit(
         moto_s3.resume()
     assert result.returncode == 4, result.stderr
     assert "image store" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_terminal_gets_a_progress_bar(
+    postgres: PostgresServer, database: str, moto_s3: MotoS3Server, bucket: str,
+    tmp_path: Path,
+) -> None:
+    import pty
+
+    seed(postgres, database, moto_s3, bucket,
+         [Seed(uuid.uuid4(), index, 0.99, photo(index)) for index in range(3)])
+    classes_file = tmp_path / "classes.json"
+    classes_file.write_text(json.dumps(class_map()))
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rottenbot_inference", "export-dataset", "--out",
+             str(tmp_path / "out"), "--classes", str(classes_file)],
+            env=export_env(postgres, database, moto_s3, bucket), stdin=terminal,
+            stdout=terminal, stderr=terminal,
+        )
+        os.close(terminal)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(timeout=120) == 0, output.decode(errors="replace")
+    finally:
+        os.close(controller)
+    text = output.decode(errors="replace")
+    assert "exporting" in text and "100%" in text, text
+    assert "exporting up to" not in text  # the plain counts are for pipes and logs
