@@ -37,7 +37,7 @@ def overlay_png(
     colours = cv2.applyColorMap(
         (weight * 255).astype(np.uint8), cv2.COLORMAP_JET
     )[..., ::-1].astype(np.float32)  # BGR -> RGB
-    alpha = (_OPACITY * weight)[..., None]
+    alpha = (_OPACITY * np.sqrt(weight))[..., None]  # sqrt: weaker cells stay visible
     blended = photo.astype(np.float32) * (1 - alpha) + colours * alpha
     ok, encoded = cv2.imencode(
         ".png", cv2.cvtColor(blended.round().astype(np.uint8), cv2.COLOR_RGB2BGR),
