@@ -191,3 +191,19 @@ def test_metrics_and_model_info_after_a_scripted_feedback_session(
     assert scrape("inference_feedback_window", agreed="false") == 0
     model = client.get(MODEL, headers=auth(user)).json()["feedback"]
     assert model == {"count": 2, "agreed": 2, "accuracy": 1.0}
+
+
+def test_feedback_on_the_embedded_sqlite_store(make_client: Callable[..., TestClient]) -> None:
+    """The default deployment (SQLite + local folder): same behaviour, no foreign-key cascade
+    needed (the repository deletes feedback with its prediction itself)."""
+    client = make_client()
+    user = uuid.uuid4()
+    item = saved(client, user, seed=3)
+    wrong = other_class(item["predicted_class_name"])
+    response = feedback(client, user, item["uid"], wrong)
+    assert response.status_code == 200, response.text
+    assert history(client, user)[0]["feedback"]["correct_class_name"] == wrong
+    model = client.get(MODEL, headers=auth(user)).json()["feedback"]
+    assert model == {"count": 1, "agreed": 0, "accuracy": 0.0}
+    assert client.delete(f"{PREDICTIONS}/{item['uid']}", headers=auth(user)).status_code == 204
+    assert client.get(MODEL, headers=auth(user)).json()["feedback"]["count"] == 0
