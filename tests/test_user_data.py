@@ -125,3 +125,27 @@ def test_erasure_with_s3_down_is_pending_then_completes_and_spares_others(
     assert [item["uid"] for item in history(client, bob)] == [bob_uid]
     assert any(key.startswith(f"{bob}/") for key in bucket_objects(moto_s3, bucket))
     assert client.get(f"{PREDICTIONS}/{bob_uid}/image", headers=auth(bob)).status_code == 200
+
+
+def test_a_pending_erasure_survives_a_restart_and_completes_after_it(
+    make_client: Callable[..., TestClient], postgres: PostgresServer, database: str,
+    moto_s3: MotoS3Server, bucket: str,
+) -> None:
+    overrides = storage_overrides(postgres, database, moto_s3, bucket)
+    client = make_client(**overrides)
+    alice = uuid.uuid4()
+    for seed in range(2):
+        stored(client, alice, seed)
+    moto_s3.pause()
+    try:
+        assert client.delete(PREDICTIONS, headers=auth(alice)).status_code == 202
+        client.__exit__(None, None, None)  # the replica stops with the erasure unfinished
+    finally:
+        moto_s3.resume()
+    assert len(rows_of(postgres, database, alice)) == 2  # nothing erased by the stopped one
+
+    restarted = make_client(**overrides)  # same DATA_DIR: it finds the journal
+    poll(lambda: rows_of(postgres, database, alice) == [], message="never resumed")
+    poll(lambda: not [k for k in bucket_objects(moto_s3, bucket) if k.startswith(f"{alice}/")],
+         message="images never erased")
+    assert restarted.delete(PREDICTIONS, headers=auth(alice)).status_code == 204
