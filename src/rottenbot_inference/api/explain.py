@@ -39,7 +39,6 @@ router = APIRouter(prefix="/api/v1/inference", tags=["explanations"])
 PNG = "image/png"
 _COMMON: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorOut, "description": "Missing, invalid, expired or revoked token"},
-    422: {"model": ErrorOut, "description": "class_name is not one of the model's classes"},
     503: {
         "model": ErrorOut,
         "description": "Busy with predictions, too many explanations, or not ready; Retry-After",
