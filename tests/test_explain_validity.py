@@ -17,7 +17,12 @@ import pytest
 
 from rottenbot_inference.demo.synthetic import CLASS_NAMES, render, render_with_lesion
 from rottenbot_inference.inference.bundle import ModelBundle
-from rottenbot_inference.inference.explain import Heatmap, cell_edges, occlusion_heatmap
+from rottenbot_inference.inference.explain import (
+    Heatmap,
+    cell_edges,
+    counterpart,
+    occlusion_heatmap,
+)
 from rottenbot_inference.inference.images import ImagePreprocessor
 from rottenbot_inference.inference.loader import ModelLoader, source_from_settings
 from rottenbot_inference.settings import Settings
@@ -98,3 +103,38 @@ def test_heatmap_maximum_points_at_the_lesion(demo_bundle: ModelBundle) -> None:
           f"random {random_rate:.3f}")
     assert rate >= 0.80
     assert random_rate <= rate / 3
+
+
+def test_occlusion_finds_the_one_region_a_model_looks_at() -> None:
+    """A toy model that only looks at one cell: the heatmap peaks there and is ~0 elsewhere;
+    the work is done in batches of at most the batch size."""
+    edges = cell_edges(224, 7)
+    box = (slice(edges[2], edges[3]), slice(edges[4], edges[5]))  # row 2, column 4
+    sizes: list[int] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        logit = batch[(slice(None), *box)].mean(axis=(1, 2, 3)) / 50
+        return np.stack([1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(logit))], axis=1)
+
+    pixels = np.zeros((224, 224, 3), np.float32)
+    pixels[box] = 255
+    heatmap = occlusion_heatmap(pixels, predict, ("bright", "dark"), 7, 7, 8, None)
+    assert heatmap.class_name == "bright" and heatmap.versus_name is None
+    assert heatmap.passes == 50 == sum(sizes) and max(sizes) <= 8
+    assert (int(np.argmax(heatmap.grid)) // 7, int(np.argmax(heatmap.grid)) % 7) == (2, 4)
+    others = np.delete(heatmap.grid.ravel(), 2 * 7 + 4)
+    assert heatmap.grid[2, 4] > 0.5 and np.abs(others).max() < 1e-6
+    against = occlusion_heatmap(pixels, predict, ("bright", "dark"), 7, 7, 8, 0, 1)
+    assert against.versus_name == "dark" and against.grid[2, 4] > heatmap.grid[2, 4]
+
+
+def test_counterpart_is_the_same_produce_in_the_other_state() -> None:
+    assert CLASS_NAMES[counterpart(CLASS_NAMES, CLASS_NAMES.index("Banana__Rotten"))] == (
+        "Banana__Healthy"
+    )
+    assert CLASS_NAMES[counterpart(CLASS_NAMES, CLASS_NAMES.index("Apple__Healthy"))] == (
+        "Apple__Rotten"
+    )
+    assert counterpart(("cat", "dog"), 0) is None
+    assert counterpart(("Kiwi__Rotten", "Apple__Healthy"), 0) is None
