@@ -15,7 +15,8 @@ Layout (what `keras.utils.image_dataset_from_directory` reads, classes in the mo
   journal names and skips it when the hash matches. Files of predictions that no longer
   qualify (deleted, erased, relabelled) are removed at the end: a deleted prediction is never
   in the output.
-- Deduplicated by content: the same bytes are exported once (the first prediction wins).
+- Deduplicated by content: the same bytes are exported once (the oldest prediction wins; for
+  rows of the previous service, which have no stored hash, the first one downloaded).
 - The user is a salted hash (HMAC-SHA256), never the user id; the salt is kept in
   `DIR/.export-salt` (or given), so a resumed export hashes the same way.
 """
@@ -308,7 +309,8 @@ class Exporter:
         loop = asyncio.get_running_loop()
         pool = concurrent.futures.ThreadPoolExecutor(self.jobs, thread_name_prefix="export")
         in_flight: set[asyncio.Future[Fetched]] = set()
-        seen_hashes: set[str] = set()
+        seen_hashes: set[str] = set()  # of the files exported
+        claimed: set[str] = set()  # hashes the database gave, of rows taken (in row order)
         manifest_part = self.out / f"{STATE}{MANIFEST}.part"
         manifest_file = manifest_part.open("w", newline="")
         manifest = csv.writer(manifest_file)  # written as files finish, renamed at the end
@@ -320,9 +322,11 @@ class Exporter:
                 if row.label not in known:
                     self.summary.unknown_class += 1
                     continue
-                if row.sha256 is not None and row.sha256 in seen_hashes:
-                    self.summary.duplicates += 1
-                    continue
+                if row.sha256 is not None:  # known bytes: the oldest row claims them
+                    if row.sha256 in claimed:
+                        self.summary.duplicates += 1
+                        continue
+                    claimed.add(row.sha256)
                 if str(row.uid) in journal.done:
                     done = await loop.run_in_executor(pool, verified, self.out, journal, row)
                     if done is not None:
