@@ -148,6 +148,9 @@ class PredictionStore:
             ensure_schema=self.ensure_schema,
         )
         self._schema_ready = not settings.migrate_on_start
+        self._schema_event = asyncio.Event()  # set with _schema_ready
+        if self._schema_ready:
+            self._schema_event.set()
         self._schema_lock = asyncio.Lock()
         self._migrating: asyncio.Task[None] | None = None
         self._hurried = False
@@ -283,6 +286,7 @@ class PredictionStore:
                 assert self.url is not None
                 await migrate(self.url)
                 self._schema_ready = True
+                self._schema_event.set()
                 log.info("database schema is at head")
 
     async def _migrate_until_done(self) -> None:
@@ -539,6 +543,14 @@ class PredictionStore:
         repository, _ = await self._backends()
         from sqlalchemy.exc import SQLAlchemyError  # imported by now (the engine is built)
 
+        if not self._schema_ready:  # right after start: the migrations are running
+            try:
+                await asyncio.wait_for(self._schema_event.wait(), self.settings.database_timeout_s)
+            except TimeoutError:
+                raise StorageUnavailable(
+                    "Saved predictions are still starting up (database migrations); retry "
+                    "shortly."
+                ) from None
         try:
             yield repository
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
