@@ -23,7 +23,9 @@ def runner(monkeypatch, tmp_path, shared_cache) -> CliRunner:
     return CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["predict"], ["token"], ["convert"]])
+@pytest.mark.parametrize(
+    "command", [[], ["serve"], ["predict"], ["token"], ["convert"], ["export-dataset"]]
+)
 def test_help_everywhere(runner: CliRunner, command: list[str]) -> None:
     result = runner.invoke(main, [*command, "--help"])
     assert result.exit_code == 0
