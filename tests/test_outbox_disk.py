@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 
 from rottenbot_inference.storage.outbox import Outbox
 from rottenbot_inference.storage.records import PredictionRecord, object_key
-from tests.helpers import auth, free_port, in_ci, jpeg_bytes, process_env
+from tests.helpers import auth, free_port, jpeg_bytes, process_env
 from tests.servers_storage import (
     PREDICT,
     MotoS3Server,
@@ -44,8 +44,8 @@ from tests.servers_storage import (
     save,
     storage_overrides,
 )
+from tests.volumes import MiB, mounted_ext4, mounted_tmpfs
 
-MiB = 1024 * 1024
 VOLUME_MB = 40
 # Saves are refused once less than this would stay free; the ballast is held back besides.
 DISK_SETTINGS = {
@@ -63,82 +63,11 @@ def photo(seed: int) -> bytes:
     return jpeg_bytes(pixels, quality=90)
 
 
-@contextlib.contextmanager
-def mounted_tmpfs(folder: Path, size_mb: int) -> Iterator[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        reason = f"cannot mount a tmpfs (needs root): {result.stderr.strip()}"
-        if in_ci():
-            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Path]:
     """A 40 MB tmpfs, mounted for this test only."""
     with mounted_tmpfs(tmp_path / "volume", VOLUME_MB) as folder:
         yield folder
-
-
-class Ext4Volume:
-    """A loop-mounted ext4 image that the test can make fail like a bad disk."""
-
-    def __init__(self, folder: Path, image: Path) -> None:
-        self.folder, self.image = folder, image
-
-    def mount(self, *options: str) -> None:
-        opts = ",".join(("loop", "errors=remount-ro", *options))
-        subprocess.run(["mount", "-o", opts, str(self.image), str(self.folder)], check=True)
-
-    def fail(self) -> None:
-        """An ext4 error: the kernel remounts the volume read-only at once, open files or not."""
-        device = Path(subprocess.run(
-            ["findmnt", "-n", "-o", "SOURCE", str(self.folder)],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()).name
-        Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("test: disk failure")
-
-    def repair_and_mount(self, read_only: bool) -> None:
-        subprocess.run(["umount", str(self.folder)], check=True)
-        subprocess.run(["e2fsck", "-fy", str(self.image)], capture_output=True, check=False)
-        self.mount()  # (a read-only loop mount would attach the loop device read-only)
-        if read_only:
-            subprocess.run(["mount", "-o", "remount,ro", str(self.folder)], check=True)
-
-    def remount_writable(self) -> None:
-        subprocess.run(["mount", "-o", "remount,rw", str(self.folder)], check=True)
-
-
-@contextlib.contextmanager
-def mounted_ext4(folder: Path, size_mb: int = VOLUME_MB) -> Iterator[Ext4Volume]:
-    folder.mkdir(parents=True, exist_ok=True)
-    image = folder.with_suffix(".img")
-    with image.open("wb") as handle:
-        handle.truncate(size_mb * MiB)
-    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
-    volume = Ext4Volume(folder, image)
-    try:
-        if made.returncode != 0:
-            raise OSError(made.stderr.strip())
-        volume.mount()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        reason = f"cannot loop-mount an ext4 image (needs root and loop devices): {exc}"
-        if in_ci():
-            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield volume
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-        image.unlink(missing_ok=True)
 
 
 def free_bytes(folder: Path) -> int:
@@ -331,7 +260,7 @@ def test_a_volume_gone_read_only_refuses_saves_clearly_and_never_crash_loops(
         s3_max_attempts=1, **DISK_SETTINGS,
     )
     user = uuid.uuid4()
-    with mounted_ext4(tmp_path / "volume") as volume:
+    with mounted_ext4(tmp_path / "volume", VOLUME_MB) as volume:
         client = make_client(**overrides)
         store = client.app.state.rottenbot.predictions  # type: ignore[attr-defined]
         moto_s3.pause()  # these stay in the outbox

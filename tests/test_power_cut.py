@@ -22,7 +22,6 @@ import shutil
 import sqlite3
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,41 +29,14 @@ import pytest
 from rottenbot_inference.storage import outbox_slots
 from rottenbot_inference.storage.outbox import Outbox
 from rottenbot_inference.storage.records import PredictionRecord, object_key
-from tests.helpers import in_ci
+from tests.volumes import loop_mounted, make_ext4_image
 
 SAVES = 40
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, check=False)
-
-
-@contextlib.contextmanager
-def loop_mount(image: Path, folder: Path, *options: str) -> Iterator[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    result = _run("mount", "-o", ",".join(("loop", *options)), str(image), str(folder))
-    if result.returncode != 0:
-        reason = f"cannot loop-mount an ext4 image (needs root and loop devices): {result.stderr}"
-        if in_ci():
-            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield folder
-    finally:
-        _run("umount", "-l", str(folder))
-
-
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
-    image = tmp_path / "disk.img"
-    with image.open("wb") as handle:
-        handle.truncate(64 * 1024 * 1024)
-    made = _run("mkfs.ext4", "-q", "-F", str(image))
-    if made.returncode != 0:
-        if in_ci():
-            pytest.fail(f"mkfs.ext4 failed: {made.stderr}", pytrace=False)
-        pytest.skip(f"mkfs.ext4 failed: {made.stderr}")
-    return image
+    return make_ext4_image(tmp_path / "disk.img", 64)
 
 
 def record() -> PredictionRecord:
@@ -93,7 +65,7 @@ def save_then_cut_power(disk: Path, tmp_path: Path) -> tuple[dict[uuid.UUID, byt
         shutil.copyfile(disk, tmp_path / "after-the-cut.img")
         await outbox.close()
 
-    with loop_mount(disk, tmp_path / "running", "commit=300") as folder:
+    with loop_mounted(disk, tmp_path / "running", "commit=300") as folder:
         asyncio.run(scenario(folder))
     return acknowledged, tmp_path / "after-the-cut.img"
 
@@ -101,8 +73,9 @@ def save_then_cut_power(disk: Path, tmp_path: Path) -> tuple[dict[uuid.UUID, byt
 def surviving(snapshot: Path, tmp_path: Path, acknowledged: dict[uuid.UUID, bytes]) -> int:
     """Repair the disk as after a crash, mount it and count the acknowledged saves a fresh
     outbox finds there with their exact bytes."""
-    _run("e2fsck", "-fy", str(snapshot))  # replays the journal; exit 1 = "fixed", fine
-    with loop_mount(snapshot, tmp_path / "after") as folder:
+    # Replays the journal (exit status 1, "errors fixed", is expected).
+    subprocess.run(["e2fsck", "-fy", str(snapshot)], capture_output=True, check=False)
+    with loop_mounted(snapshot, tmp_path / "after") as folder:
         copy = tmp_path / "recovered"
         if (folder / "outbox").exists():
             shutil.copytree(folder / "outbox", copy)

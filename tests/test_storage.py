@@ -18,21 +18,9 @@ from rottenbot_inference.storage.db import (
     VERSION_TABLE,
     migrate,
 )
-from rottenbot_inference.storage.records import PredictionRecord, object_key
 from rottenbot_inference.storage.service import InvalidCursor, decode_cursor, encode_cursor
 from tests.helpers import auth, free_port, jpeg_bytes, png_bytes, random_photo
 from tests.servers_storage import COLOURS, PREDICT, PREDICTIONS, history, poll, save, solid_jpeg
-
-
-def record(user: uuid.UUID | None = None, name: str = "Class01__Rotten") -> PredictionRecord:
-    uid, user = uuid.uuid4(), user or uuid.uuid4()
-    now = dt.datetime.now(dt.UTC)
-    return PredictionRecord(
-        uid=uid, user_uid=user, created_at=now, image_path=object_key(user, now, uid, "jpg"),
-        predicted_class=1, predicted_class_name=name, confidence=0.5, model_version="v1",
-        content_type="image/jpeg", image_format="jpeg",
-    )
-
 
 # --- migrations, cursors -----------------------------------------------------------------------
 
