@@ -194,8 +194,13 @@ def test_damaged_exif_does_not_flood_stderr() -> None:
 
 def test_atheris_harness_runs(tmp_path: Path) -> None:
     """A short libFuzzer run of fuzz/fuzz_images.py over the seeds finds nothing."""
+    # Started through sh, not spawned from pytest itself: Linux carries a process's peak RSS
+    # across exec, so libFuzzer would count the test run's own (GBs, late in the suite) against
+    # its 2 GB limit and report an out-of-memory that is not the harness's. sh forks python as
+    # a new process, whose peak RSS starts from its own.
     result = subprocess.run(
-        [sys.executable, str(ROOT / "fuzz" / "fuzz_images.py"), str(tmp_path), str(SEEDS),
+        ["/bin/sh", "-c", '"$@"; exit $?', "sh",
+         sys.executable, str(ROOT / "fuzz" / "fuzz_images.py"), str(tmp_path), str(SEEDS),
          "-runs=2000", "-timeout=30", "-seed=1", f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
