@@ -599,3 +599,26 @@ def test_group_commits_cap_their_image_volume(
         await outbox.close()
 
     run(scenario())
+
+
+def test_with_every_slot_taken_saves_are_refused_with_that_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rottenbot_inference.storage import outbox_slots
+
+    monkeypatch.setattr(outbox_slots, "MAX_SLOTS", 1)
+
+    async def scenario() -> None:
+        holder = Outbox(tmp_path / "outbox", 10, 10**6)
+        await holder.open()
+        late = Outbox(tmp_path / "outbox", 10, 10**6)
+        with pytest.raises(OutboxError, match="slots"):
+            await late.open()
+        with pytest.raises(OutboxError, match="slots"):
+            await late.add(record(), b"x")
+        await holder.close()
+        await late.open()  # the slot is free again
+        await late.add(record(), b"x")
+        await late.close()
+
+    run(scenario())

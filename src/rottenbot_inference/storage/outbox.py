@@ -172,6 +172,9 @@ class Outbox:
         self._loop = asyncio.get_running_loop()
         try:
             rows = await asyncio.to_thread(self.budget.with_room, self._open_sync)
+        except OutboxError as exc:  # every slot taken
+            self.unavailable = exc
+            raise
         except (OSError, sqlite3.Error) as exc:
             self.unavailable = _volume_error(exc)
             raise
