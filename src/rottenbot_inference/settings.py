@@ -87,6 +87,24 @@ class Settings(BaseSettings):
     def _empty_registry_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    # --- shadow challenger (see docs/challenger.md) ---------------------------------------
+    challenger_uri: str | None = Field(
+        None,
+        description="A second model scored in the shadow of the serving one (any MODEL_URI "
+        "form, or a local path); unset: no challenger, no cost",
+    )
+    shadow_fraction: float = Field(
+        0.1, ge=0, le=1, description="Share of predictions also scored by the challenger"
+    )
+    shadow_nice: int = Field(
+        19, ge=0, le=19, description="Niceness of the shadow scoring thread (predictions win)"
+    )
+
+    @field_validator("challenger_uri", mode="before")
+    @classmethod
+    def _empty_challenger_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @property
     def mlflow_cache(self) -> Path:
         """Where downloaded MLflow models are kept (by registry version / run / URI)."""

@@ -182,6 +182,10 @@ class ModelManager:
         self._requests: list[_Request] = []
         self._thread: threading.Thread | None = None
         self._converter = ConversionChild(settings)
+        self.warm_batch_size = settings.max_batch_size  # batch sizes run once before install
+        # Another manager's loaded bundle for a cache key, if it serves that version (the
+        # challenger, see challenger.py): reused instead of downloading and converting again.
+        self.donor: Callable[[str], ModelBundle | None] | None = None
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -422,9 +426,11 @@ class ModelManager:
             with traced("reload_model", {"reload.trigger": trigger}):
                 artifact = load()
                 candidate = artifact.version or candidate
-                log.info("loading %s (trigger %s) beside version %s", artifact.source, trigger,
-                         previous)
-                bundle = self._build(artifact, background=True)
+                bundle = self._donated(key, artifact)
+                if bundle is None:
+                    log.info("loading %s (trigger %s) beside version %s", artifact.source,
+                             trigger, previous)
+                    bundle = self._build(artifact, background=True)
         except _Stopping:
             raise
         except RegistryUnavailable as exc:
@@ -440,7 +446,7 @@ class ModelManager:
                 "REFUSED model version %s (%s); still serving version %s", candidate, detail,
                 previous,
             )
-            telemetry_metrics.record_model_load("failure", time.monotonic() - started)
+            self._record_load("failure", time.monotonic() - started)
             return self._finish(
                 ReloadResult("failed", trigger, previous, candidate_version=candidate,
                              detail=detail),
@@ -461,7 +467,7 @@ class ModelManager:
     ) -> ReloadResult:
         self.counts[result.outcome] += 1
         if not quiet or result.trigger != "poll":
-            telemetry_metrics.record_model_reload(result.trigger, result.outcome)
+            self._record_reload(result.trigger, result.outcome)
         self.last_result = result
         if result.outcome == "swapped":
             self.last_swap = result
@@ -513,9 +519,28 @@ class ModelManager:
             raise _Stopping()
         bundle = loader.load(_Fixed(artifact))
         verify(bundle)
-        bundle.warm_up(self.settings.max_batch_size)
-        telemetry_metrics.record_model_load("success", time.monotonic() - started)
+        bundle.warm_up(self.warm_batch_size)
+        self._record_load("success", time.monotonic() - started)
         return bundle
+
+    def _donated(self, key: str, artifact: LocalArtifact) -> ModelBundle | None:
+        """The donor's loaded bundle for `key` (same session: no download, no conversion),
+        relabelled with this source and warmed up for this manager's batch sizes."""
+        found = self.donor(key) if self.donor is not None else None
+        if found is None:
+            return None
+        bundle = replace(found, source=artifact.source)
+        bundle.warm_up(self.warm_batch_size)
+        log.info("version %s is already loaded beside this model: reusing its session",
+                 bundle.version)
+        self._record_load("reused")
+        return bundle
+
+    def _record_load(self, outcome: str, seconds: float | None = None) -> None:
+        telemetry_metrics.record_model_load(outcome, seconds)
+
+    def _record_reload(self, trigger: str, outcome: str) -> None:
+        telemetry_metrics.record_model_reload(trigger, outcome)
 
     def _install(
         self, bundle: ModelBundle, artifact: LocalArtifact, trigger: str, key: str | None = None

@@ -89,7 +89,7 @@ decode_duration = _meter.create_histogram(
 )
 model_loads = _meter.create_counter(
     "inference_model_loads_total", unit="1",
-    description="Model loads, by outcome (success, failure)",
+    description="Model loads, by outcome (success, failure, reused: a session already loaded)",
 )
 model_load_duration = _meter.create_histogram(
     "inference_model_load_duration_seconds", unit="s",
