@@ -11,6 +11,7 @@ import errno
 import logging
 import random
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from rottenbot_inference.storage.db import PredictionRepository, create_engine, 
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
 from rottenbot_inference.storage.failures import REASONS, Failure, classify
 from rottenbot_inference.storage.images import ImageStoreError, LocalImageStore
-from rottenbot_inference.storage.outbox import Outbox
+from rottenbot_inference.storage.outbox import Entry, Outbox
 from tests.test_outbox import record
 
 
@@ -45,7 +46,8 @@ def s3_error(code: str) -> ImageStoreError:
 
 def test_failures_are_classified_by_cause() -> None:
     assert classify("image_store", s3_error("AccessDenied")) == Failure(
-        "image_store_denied", True, str(s3_error("AccessDenied")))
+        "image_store_denied", True, str(s3_error("AccessDenied"))
+    )
     for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
         assert classify("image_store", s3_error(code)).reason == "image_store_denied"
     for code in ("NoSuchBucket", "404"):
@@ -72,9 +74,19 @@ def test_failures_are_classified_by_cause() -> None:
     assert classify("outbox", RuntimeError()).detail == "RuntimeError"
     assert str(Failure("disk_full", False, "no room")) == "disk_full: no room"
     # Metrics report each known reason from zero: every reason given is among them.
-    given = {classify(stage, exc).reason for stage in ("outbox", "image_store", "database")
-             for exc in (s3_error("AccessDenied"), s3_error("NoSuchBucket"), rejected, lost,
-                         OSError(errno.ENOSPC, "full"), OSError(errno.EROFS, "ro"), down)}
+    given = {
+        classify(stage, exc).reason
+        for stage in ("outbox", "image_store", "database")
+        for exc in (
+            s3_error("AccessDenied"),
+            s3_error("NoSuchBucket"),
+            rejected,
+            lost,
+            OSError(errno.ENOSPC, "full"),
+            OSError(errno.EROFS, "ro"),
+            down,
+        )
+    }
     assert given | {"unexpected"} <= set(REASONS)
 
 
@@ -195,8 +207,9 @@ def test_a_failing_store_is_probed_one_item_at_a_time_and_logged_once(
                 assert r.drainer.failures <= calls + 4
                 r.store.fail_first = 0
                 await r.until(lambda: r.outbox.backlog == 0 and r.drainer.healthy)
-            warnings = [m for m in caplog.messages if "not stored yet" in m
-                        and "retrying with backoff" in m]
+            warnings = [
+                m for m in caplog.messages if "not stored yet" in m and "retrying with backoff" in m
+            ]
             assert len(warnings) == 1  # once per change of state, not once per attempt
             assert sum("reachable again" in m for m in caplog.messages) == 1
             assert r.drainer.healthy
@@ -234,10 +247,13 @@ def test_a_row_the_database_rejects_is_isolated_from_its_batch(tmp_path: Path) -
     async def scenario() -> None:
         async with rig(tmp_path, park_retry_s=60, batch_size=8) as r:
             async with r.repository.engine.begin() as conn:  # type: ignore[attr-defined]
-                await conn.execute(text(
-                    "CREATE TRIGGER reject BEFORE INSERT ON predictions "
-                    "WHEN NEW.predicted_class_name = 'Poison' "
-                    "BEGIN SELECT RAISE(ABORT, 'rejected'); END"))
+                await conn.execute(
+                    text(
+                        "CREATE TRIGGER reject BEFORE INSERT ON predictions "
+                        "WHEN NEW.predicted_class_name = 'Poison' "
+                        "BEGIN SELECT RAISE(ABORT, 'rejected'); END"
+                    )
+                )
             await r.drainer.stop(0)  # add the whole batch first, then drain it at once
             r.drainer._task = None
             r.drainer._closing = False
@@ -305,9 +321,56 @@ def test_request_spans_are_remembered_and_forgotten(tmp_path: Path) -> None:
             r.drainer.remember_request(uid, None)  # no span: nothing kept
             assert uid not in r.drainer._request_spans
             r.drainer.remember_request(uid, "span")  # type: ignore[arg-type]
+            assert r.drainer._request_spans[uid] == "span"
             r.drainer._uploaded.add(uid)
             r.drainer.forget(uid)
             assert uid not in r.drainer._request_spans
             assert uid not in r.drainer._uploaded
+            r.drainer.forget(uuid.uuid4())  # a delete of an item never remembered is fine
 
     asyncio.run(scenario())
+
+
+def test_a_failure_schedules_the_item_and_the_drainer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`_failed` alone (no loop running): the item's retry state, the whole drainer's backoff
+    (exponential in the consecutive failures), the counts and one log line per change."""
+    drainer = Drainer(
+        Outbox(tmp_path, 10, 10),
+        ThreadPoolExecutor(1),
+        retry_base_s=1,
+        retry_max_s=1000,
+        park_retry_s=300,
+    )
+    entry = Entry(record(), 1, 0.0)
+    down = Failure("image_store_unreachable", False, "store down")
+    with caplog.at_level(logging.DEBUG, "rottenbot_inference.storage.drainer"):
+        for attempts in range(1, 5):
+            before = time.monotonic()
+            drainer._failed([entry], down)
+            after = time.monotonic()
+            ceiling = 2 ** (attempts - 1)  # base 1 s, doubled per attempt; jitter in [d/2, d]
+            assert entry.attempts == attempts and not entry.parked
+            assert before + ceiling / 2 <= entry.due <= after + ceiling
+            assert before + ceiling / 2 <= drainer._resume_at <= after + ceiling
+            assert not drainer.healthy
+        assert entry.last_error == drainer.last_error == "image_store_unreachable: store down"
+        assert drainer.failures == 4 and drainer.failures_by_reason == {down.reason: 4}
+        resume_at = drainer._resume_at
+        denied = Failure("image_store_denied", True, "access denied")
+        before = time.monotonic()
+        drainer._failed([entry], denied)
+        after = time.monotonic()
+        assert entry.parked and entry.attempts == 5
+        assert before + 300 <= entry.due <= after + 300  # retried every park_retry_s
+        assert drainer._resume_at == resume_at  # a parked item holds up nobody
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "drainer: saves not stored yet (image_store_unreachable: store down); "
+        "retrying with backoff, 0 pending",
+        "drainer: saves parked (image_store_denied: access denied): they stay in the outbox, "
+        "retried every 300 s; 0 pending",
+    ]
+    repeats = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert repeats == ["drainer: 1 saves not stored yet (image_store_unreachable: store down)"] * 3
