@@ -70,7 +70,7 @@ def test_postgres_migrations_from_empty_concurrent_rerun_and_legacy_table(
             for _ in range(2)]
     outputs = [run.communicate(timeout=120)[0].decode() for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
-    assert postgres.psql(f"SELECT version_num FROM {VERSION_TABLE}", fresh) == "0003"
+    assert postgres.psql(f"SELECT version_num FROM {VERSION_TABLE}", fresh) == "0004"
     indexes = postgres.psql("SELECT indexname FROM pg_indexes WHERE tablename='predictions'", fresh)
     assert {"ix_predictions_user_created_uid", "ix_predictions_user_class_created_uid"} <= set(
         indexes.splitlines()

@@ -32,7 +32,7 @@ def test_sqlite_migrations_from_empty_are_idempotent_and_adopt_a_legacy_table(
     asyncio.run(migrate(url))
     asyncio.run(migrate(url))
     conn = sqlite3.connect(tmp_path / "fresh.db")
-    assert conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchall() == [("0003",)]
+    assert conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchall() == [("0004",)]
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(predictions)")}
     assert "ix_predictions_user_created_uid" in indexes
 

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from rottenbot_inference import __version__
-from rottenbot_inference.api import admin, explain, health, model, predict, predictions
+from rottenbot_inference.api import admin, comparison, explain, health, model, predict, predictions
 from rottenbot_inference.api.admission import PREDICT_PATH, AdmissionMiddleware
 from rottenbot_inference.api.disconnect import CancelOnDisconnect
 from rottenbot_inference.api.docs import DOCS_CSP, install_docs
@@ -84,6 +84,8 @@ async def load_model(state: AppState) -> None:
     state.phase, state.detail = Phase.READY, manager.warning
     log.info("ready: model %s version %s", bundle.name, bundle.version)
     manager.start_watching()
+    if state.challenger is not None:  # after readiness: it never delays the champion
+        state.challenger.start(manager)
 
 
 def create_app(
@@ -110,6 +112,10 @@ def create_app(
             predictions=store,
             explainer=Explainer(settings, service),
         )
+        if settings.challenger_uri:  # a malformed URI fails the start, like MODEL_URI's
+            from rottenbot_inference.inference.challenger import Challenger
+
+            state.challenger = Challenger(state)
         app.state.rottenbot = state
         telemetry_metrics.bind_state(state)
         service.start()
@@ -129,6 +135,8 @@ def create_app(
             loading.cancel()
             if state.models is not None:
                 await asyncio.to_thread(state.models.stop)
+            if state.challenger is not None:
+                await state.challenger.stop()
             state.explainer.stop()
             await service.stop()
             await store.stop()  # drains for OUTBOX_SHUTDOWN_GRACE_S; the rest stays durable
@@ -181,6 +189,7 @@ def create_app(
     app.include_router(health.router)
     if settings.admin_api_key is not None:  # unset: the admin endpoints do not exist (404)
         app.include_router(admin.router)
+        app.include_router(comparison.router)
     app.include_router(telemetry_metrics.router)
     return app
 
@@ -195,6 +204,8 @@ def _on_sighup(state: AppState) -> Callable[[], None]:
             return
         log.info("SIGHUP: checking the model source")
         state.models.request_reload("signal")
+        if state.challenger is not None:
+            state.challenger.manager.request_reload("signal")
 
     try:
         loop.add_signal_handler(signal.SIGHUP, reload)

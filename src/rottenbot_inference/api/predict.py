@@ -123,6 +123,8 @@ async def predict(
         except StorageUnavailable as exc:
             record_rejection("storage_unavailable")
             raise ServiceUnavailable(exc.detail) from None
+    if state.challenger is not None:  # shadow scoring: sampled, queued, never waited for
+        state.challenger.offer(result, data, prediction_uid)
     best = result.best
     return PredictionOut(
         predicted_class=best.index,

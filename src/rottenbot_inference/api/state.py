@@ -15,6 +15,7 @@ from rottenbot_inference.settings import Settings
 
 if TYPE_CHECKING:
     from rottenbot_inference.auth.ratelimit import RateLimiter
+    from rottenbot_inference.inference.challenger import Challenger
     from rottenbot_inference.inference.explainer import Explainer
     from rottenbot_inference.inference.reloader import ModelManager
     from rottenbot_inference.storage.service import PredictionStore
@@ -44,6 +45,7 @@ class AppState:
     models: ModelManager | None = None  # model loading, hot swaps and their reporting
     rate_limiter: RateLimiter | None = None  # per-user token buckets (RATE_LIMIT_PER_MINUTE)
     explainer: Explainer | None = None  # explanation heatmaps (low priority, own cap)
+    challenger: Challenger | None = None  # the shadow challenger (CHALLENGER_URI)
 
 
 def get_state(request: Request) -> AppState:

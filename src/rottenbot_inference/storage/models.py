@@ -103,7 +103,37 @@ class UserErasure(Base):
     requested_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
 
+class ShadowComparison(Base):
+    """One prediction scored by the champion and the shadow challenger (migration 0004).
+
+    `prediction_uid` names the saved prediction, when it was saved (feedback joins on it); no
+    foreign key: the comparison is written before the outbox has drained the prediction.
+    """
+
+    __tablename__ = "shadow_comparisons"
+
+    uid: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    champion_version: Mapped[str] = mapped_column(Text)
+    challenger_version: Mapped[str] = mapped_column(Text)
+    champion_class: Mapped[int] = mapped_column(Integer)
+    champion_class_name: Mapped[str] = mapped_column(Text)
+    champion_confidence: Mapped[float] = mapped_column(Float)
+    challenger_class: Mapped[int] = mapped_column(Integer)
+    challenger_class_name: Mapped[str] = mapped_column(Text)
+    challenger_confidence: Mapped[float] = mapped_column(Float)
+    agreed: Mapped[bool] = mapped_column(Boolean)
+    challenger_ms: Mapped[float] = mapped_column(Float)
+    prediction_uid: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+
+
 Index("ix_prediction_feedback_model_version_updated", Feedback.model_version, Feedback.updated_at)
+Index(
+    "ix_shadow_comparisons_pair_created",
+    ShadowComparison.champion_version, ShadowComparison.challenger_version,
+    ShadowComparison.created_at,
+)
+Index("ix_shadow_comparisons_prediction", ShadowComparison.prediction_uid)
 
 
 # History: WHERE user_uid = ? [AND predicted_class_name = ?] ORDER BY created_at DESC, uid DESC

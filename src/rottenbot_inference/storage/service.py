@@ -463,6 +463,11 @@ class PredictionStore:
             await self.ensure_schema()  # asked before the first save was drained
             return await repository.feedback_stats(model_version)
 
+    def database(self) -> contextlib.AbstractAsyncContextManager[PredictionRepository]:
+        """The repository (its `engine` too) once connected and migrated, for other tables of
+        the same database (shadow comparisons); failures raise StorageUnavailable."""
+        return self._database()
+
     def _refuse_pending(self, user_uid: uuid.UUID, uid: uuid.UUID) -> None:
         entry = self.outbox.get(uid)
         if entry is not None and entry.record.user_uid == user_uid:
