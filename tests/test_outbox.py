@@ -41,9 +41,16 @@ def record(user: uuid.UUID | None = None, name: str = "Class01__Rotten") -> Pred
     uid, user = uuid.uuid4(), user or uuid.uuid4()
     now = dt.datetime.now(dt.UTC)
     return PredictionRecord(
-        uid=uid, user_uid=user, created_at=now, image_path=object_key(user, now, uid, "jpg"),
-        predicted_class=1, predicted_class_name=name, confidence=0.5, model_version="v1",
-        content_type="image/jpeg", image_format="jpeg",
+        uid=uid,
+        user_uid=user,
+        created_at=now,
+        image_path=object_key(user, now, uid, "jpg"),
+        predicted_class=1,
+        predicted_class_name=name,
+        confidence=0.5,
+        model_version="v1",
+        content_type="image/jpeg",
+        image_format="jpeg",
     )
 
 
@@ -185,9 +192,12 @@ def test_an_add_is_durable_before_it_returns(
             assert writer.connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             # ... and the row is there for any other connection to read (committed).
             with sqlite3.connect(outbox.path) as other:
-                assert other.execute(
-                    "SELECT count(*) FROM items WHERE uid = ?", (str(saved.uid),)
-                ).fetchone()[0] == 1
+                assert (
+                    other.execute(
+                        "SELECT count(*) FROM items WHERE uid = ?", (str(saved.uid),)
+                    ).fetchone()[0]
+                    == 1
+                )
         await outbox.close()
 
     asyncio.run(scenario())
@@ -235,6 +245,9 @@ def test_refusals_are_counted_by_reason_with_a_clear_message(tmp_path: Path) -> 
         with pytest.raises(OutboxFull, match="Too many saved predictions") as full:
             await items.add(record(), b"x")
         assert full.value.reason == "items" and items.refused == {"items": 1}
+        with pytest.raises(OutboxFull):
+            await items.add(record(), b"x")
+        assert items.refused == {"items": 2}  # each refusal counted (a metric)
         await items.close()
         with pytest.raises(OutboxClosed, match="shutting down") as closed:
             await items.add(record(), b"x")
@@ -312,13 +325,16 @@ def test_a_failed_write_fails_only_its_save_and_the_writer_goes_on(tmp_path: Pat
 
 
 def test_volume_errors_name_their_reason() -> None:
+    # The message is the 503's detail: what the client is told to do.
     full = _volume_error(OSError(errno.ENOSPC, "No space left on device"))
     assert isinstance(full, OutboxVolumeError) and full.reason == "disk_full"
-    assert "full" in str(full)
+    assert str(full) == "The save spool's volume is full; retry shortly."
     read_only = _volume_error(OSError(errno.EROFS, "Read-only file system"))
-    assert read_only.reason == "read_only" and "read-only" in str(read_only)
+    assert read_only.reason == "read_only"
+    assert str(read_only) == "The save spool's volume is read-only; retry on another replica."
     other = _volume_error(OSError(errno.EIO, "I/O error"))
     assert type(other) is OutboxError and other.reason == "error"
+    assert str(other) == "The save spool could not store the save; retry shortly."
     assert _volume_error(None).reason == "error"
 
 
@@ -478,7 +494,12 @@ def test_the_ballast_is_made_when_there_is_room_and_released_on_demand(
     with caplog.at_level(logging.WARNING):
         assert budget.release_ballast() is True
     assert budget.ballast_releases == 1 and not budget.ballast_present
-    assert "released 65536 bytes of ballast" in caplog.text
+    assert caplog.messages == [
+        f"outbox: the volume of {tmp_path / 'b'} is full; released 65536 bytes of ballast "
+        "to keep draining"
+    ]
+    assert budget.ensure_ballast() is True and budget.release_ballast() is True
+    assert budget.ballast_releases == 2
     greedy = DiskBudget(tmp_path / "b", 2**62, 0, ballast_bytes=65536)
     assert greedy.ensure_ballast() is False and not greedy.ballast_present  # no room for it
 
@@ -543,8 +564,11 @@ def test_removals_the_volume_refuses_are_kept_and_retried(
         drained, later = record(), record()
         await outbox.add(drained, b"drained")
         real_unlink = SpoolFiles.unlink_many
-        monkeypatch.setattr(SpoolFiles, "unlink_many", lambda self, uids: (_ for _ in ()).throw(
-            OSError(errno.EROFS, "Read-only file system")))
+        monkeypatch.setattr(
+            SpoolFiles,
+            "unlink_many",
+            lambda self, uids: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")),
+        )
         await outbox.remove([drained.uid])
         assert outbox.get(drained.uid) is None and outbox.backlog_bytes == 0
         with sqlite3.connect(outbox.path) as conn:
