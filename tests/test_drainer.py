@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import random
 import sqlite3
@@ -26,7 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from rottenbot_inference.storage.db import PredictionRepository, create_engine, migrate
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
-from rottenbot_inference.storage.failures import REASONS, Failure, classify
+from rottenbot_inference.storage.failures import REASONS, Failure, _chain, classify
 from rottenbot_inference.storage.images import ImageStoreError, LocalImageStore
 from rottenbot_inference.storage.outbox import Entry, Outbox
 from tests.test_outbox import record
@@ -88,6 +89,30 @@ def test_failures_are_classified_by_cause() -> None:
         )
     }
     assert given | {"unexpected"} <= set(REASONS)
+
+
+def test_the_cause_is_found_however_the_error_was_chained() -> None:
+    """A refusal wrapped by `raise ... from` (cause only), by raising inside `except` (context
+    only) or in a chain that loops back on itself is still found, and the walk ends."""
+    denied = s3_error("AccessDenied").__cause__
+    assert isinstance(denied, ClientError)
+    by_cause = ImageStoreError("cannot upload")
+    by_cause.__cause__ = denied
+    assert classify("image_store", by_cause).reason == "image_store_denied"
+    try:
+        try:
+            raise denied
+        except ClientError:
+            raise ImageStoreError("cannot upload") from None  # context kept, cause None
+    except ImageStoreError as error:
+        by_context = error
+    assert by_context.__cause__ is None and by_context.__context__ is denied
+    by_context.__suppress_context__ = False
+    assert classify("image_store", by_context).reason == "image_store_denied"
+    first, second = RuntimeError("a"), RuntimeError("b")
+    first.__context__, second.__context__ = second, first
+    assert list(itertools.islice(_chain(first), 5)) == [first, second]
+    assert classify("database", first).reason == "database_unreachable"
 
 
 def test_backoff_is_exponential_jittered_and_capped() -> None:
