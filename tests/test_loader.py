@@ -119,7 +119,9 @@ def test_failed_conversion_falls_back_to_keras_loudly(
         raise ValueError("max() arg is an empty sequence")
 
     monkeypatch.setattr(conversion, "convert", broken)
-    client = make_client(model_cache_dir=tmp_path / "cold-cache", model_convert_isolated=False)
+    client = make_client(
+        model_cache_dir=tmp_path / "cold-cache", model_convert_isolated=False, model_runtime="auto"
+    )
     from tests.helpers import auth
 
     info = client.get("/api/v1/inference/model", headers=auth()).json()
@@ -130,7 +132,9 @@ def test_failed_conversion_falls_back_to_keras_loudly(
 
 
 def test_disagreeing_conversion_falls_back_or_fails(make_settings, tiny_model, tmp_path) -> None:
-    strict = make_settings(model_cache_dir=tmp_path / "c1", verify_tolerance=-1.0)
+    strict = make_settings(
+        model_cache_dir=tmp_path / "c1", verify_tolerance=-1.0, model_runtime="auto"
+    )
     bundle = ModelLoader(strict).load(LocalSource(tiny_model))
     assert bundle.runtime.name == "keras"
     assert "differs from Keras" in bundle.notes[0]

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rottenbot_inference.resources import cpu_quota
@@ -37,8 +37,20 @@ class Settings(BaseSettings):
     model_uri: str | None = Field(None, description="MLflow model URI (USE_LOCAL=false)")
     mlflow_tracking_uri: str | None = None
     run_id: str | None = Field(None, description="MLflow run holding index_to_class.json")
-    model_runtime: Literal["auto", "onnxruntime", "keras"] = Field(
-        "auto", description="auto: ONNX Runtime, Keras only if conversion fails"
+    model_runtime: Literal["auto", "onnxruntime", "openvino", "keras"] = Field(
+        "auto",
+        description="auto: OpenVINO when it loads and agrees with ONNX Runtime, else ONNX "
+        "Runtime; Keras only if conversion fails (see docs/models.md)",
+    )
+    model_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="OpenVINO precision; auto: bf16 on CPUs with native bf16 (AMX, AVX512-BF16) "
+        "when it passes the agreement check at load, else fp32",
+    )
+    model_agreement_tolerance: float = Field(
+        0.05, gt=0, le=1,
+        description="Max abs softmax difference from fp32 ONNX Runtime on the probe images for "
+        "an OpenVINO model to serve (top-1 must also be identical)",
     )
     verify_tolerance: float = Field(
         1e-4, description="Max abs softmax difference allowed between Keras and ONNX"
@@ -81,6 +93,20 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = Field(
         None, description="Credential of /api/v1/admin/*; unset: the admin endpoints are off (404)"
     )
+
+    @model_validator(mode="after")
+    def _precision_needs_openvino(self) -> Settings:
+        if self.model_precision == "bf16" and self.model_runtime in ("onnxruntime", "keras"):
+            raise ValueError(
+                f"MODEL_PRECISION=bf16 needs MODEL_RUNTIME=openvino or auto "
+                f"(MODEL_RUNTIME={self.model_runtime} computes in fp32 only)"
+            )
+        return self
+
+    @property
+    def keras_fallback(self) -> bool:
+        """May an unfaithful or failed ONNX conversion be served by Keras (MODEL_RUNTIME=auto)?"""
+        return self.model_runtime == "auto"
 
     @field_validator("model_uri", "mlflow_tracking_uri", "run_id", "admin_api_key", mode="before")
     @classmethod

@@ -19,8 +19,9 @@ from typing import Any, Literal, Protocol
 
 import yaml
 
+from rottenbot_inference.inference import runtime_select
 from rottenbot_inference.inference.bundle import ModelBundle
-from rottenbot_inference.inference.runtime import KerasRuntime, OnnxRuntime, Runtime
+from rottenbot_inference.inference.runtime import KerasRuntime, Runtime
 from rottenbot_inference.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -229,13 +230,18 @@ class ModelLoader:
 
     def _runtime_for(self, path: Path, content_hash: str) -> tuple[Runtime, list[str]]:
         if path.suffix == ".onnx":
-            return OnnxRuntime(path, self.threads), []
+            return self._serving_runtime(path)
         if self.settings.model_runtime == "keras":
             return self._keras_runtime(path), ["Keras runtime selected by MODEL_RUNTIME"]
         cached = self._cached_onnx(path, content_hash)
         if cached is not None:
-            return OnnxRuntime(cached, self.threads), []
+            return self._serving_runtime(cached)
         return self._convert(path, content_hash)
+
+    def _serving_runtime(self, onnx: Path) -> tuple[Runtime, list[str]]:
+        """ONNX Runtime or OpenVINO for a verified ONNX model (MODEL_RUNTIME, MODEL_PRECISION)."""
+        selected = runtime_select.build_runtime(self.settings, onnx, self.threads)
+        return selected.runtime, list(selected.notes)
 
     def _cache_entry(self, content_hash: str) -> str:
         return f"{content_hash}-{CONVERSION_TAG}.onnx"
@@ -274,12 +280,12 @@ class ModelLoader:
                     result.max_abs_diff,
                     target,
                 )
-                return OnnxRuntime(target, self.threads), []
+                return self._serving_runtime(target)
             reason = (
                 f"ONNX output differs from Keras by {result.max_abs_diff:.2e} "
                 f"(> {self.settings.verify_tolerance:.0e})"
             )
-        if self.settings.model_runtime == "onnxruntime":
+        if not self.settings.keras_fallback:
             raise ModelLoadError(f"{path}: {reason}")
         log.error("%s; FALLING BACK TO THE SLOW KERAS RUNTIME for %s", reason, path)
         return KerasRuntime(model, self.threads), [f"Keras fallback: {reason}"]

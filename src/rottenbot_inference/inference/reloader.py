@@ -512,7 +512,7 @@ class ModelManager:
                     raise _Stopping() from None
                 if not isinstance(exc, Unfaithful):
                     raise
-                if self.settings.model_runtime == "onnxruntime":
+                if not self.settings.keras_fallback:
                     raise ModelLoadError(str(exc)) from exc
                 log.error("%s; loading it in-process (the Keras fallback may follow)", exc)
         if self._stopping.is_set():

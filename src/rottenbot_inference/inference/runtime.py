@@ -1,7 +1,8 @@
 """Model runtimes: a batch of NHWC float32 images in, a batch of class probabilities out.
 
-ONNX Runtime is the serving runtime; Keras is the loud fallback when a model cannot be
-converted faithfully. A runtime is used by one inference thread at a time.
+ONNX Runtime and OpenVINO (openvino_runtime.py; chosen by runtime_select.py) serve the
+verified ONNX conversion; Keras is the loud fallback when a model cannot be converted
+faithfully. The batcher's inference threads may call `run` concurrently.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ class Runtime(Protocol):
     """What the batcher needs from a model runtime."""
 
     name: str
+    precision: str  # what the model computes in: "fp32" or "bf16"
     input_shape: tuple[int, int, int]  # height, width, channels
+    report: dict[str, Any]  # how it was chosen (runtime_select.py), shown by describe()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, H, W, C) float32 -> (N, classes) float32 probabilities."""
@@ -32,6 +35,7 @@ class OnnxRuntime:
     """An ONNX Runtime CPU session with thread counts set from the CPU quota."""
 
     name = "onnxruntime"
+    precision = "fp32"
 
     def __init__(self, model: Path | bytes, threads: int, spin: bool = False) -> None:
         options = ort.SessionOptions()
@@ -45,20 +49,28 @@ class OnnxRuntime:
         self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         model_input = self._session.get_inputs()[0]
         self._input_name = model_input.name
-        self.input_shape = _nhwc_shape(model_input.shape)
+        self.input_shape = nhwc_shape(model_input.shape)
         self._settings = {"intra_op_threads": threads, "inter_op_threads": 1, "spinning": spin}
+        self.report: dict[str, Any] = {}
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input_name: batch})[0]
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": ort.__version__, **self._settings}
+        return {
+            "name": self.name,
+            "version": ort.__version__,
+            "precision": self.precision,
+            **self._settings,
+            **self.report,
+        }
 
 
 class KerasRuntime:
     """Runs the Keras model itself through a compiled `tf.function` (slow; fallback only)."""
 
     name = "keras"
+    precision = "fp32"
 
     def __init__(self, model: Any, threads: int) -> None:
         import tensorflow as tf
@@ -69,15 +81,22 @@ class KerasRuntime:
         signature = [tf.TensorSpec((None, height, width, channels), tf.float32)]
         self._call = tf.function(lambda x: model(x, training=False), input_signature=signature)
         self._threads = threads
+        self.report: dict[str, Any] = {}
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self._call(batch).numpy().astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self._tf_version, "threads": self._threads}
+        return {
+            "name": self.name,
+            "version": self._tf_version,
+            "precision": self.precision,
+            "threads": self._threads,
+            **self.report,
+        }
 
 
-def _nhwc_shape(shape: list[Any]) -> tuple[int, int, int]:
+def nhwc_shape(shape: list[Any]) -> tuple[int, int, int]:
     """(batch, H, W, C) from an ONNX input shape; H, W and C must be fixed."""
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
         raise ValueError(f"expected an NHWC image input with fixed H, W, C; got {shape}")
