@@ -25,6 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from rottenbot_inference.storage import drainer as drainer_module
 from rottenbot_inference.storage.db import PredictionRepository, create_engine, migrate
 from rottenbot_inference.storage.drainer import Drainer, backoff_s
 from rottenbot_inference.storage.failures import REASONS, Failure, _chain, classify
@@ -52,8 +53,13 @@ def test_failures_are_classified_by_cause() -> None:
     for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
         assert classify("image_store", s3_error(code)).reason == "image_store_denied"
     for code in ("NoSuchBucket", "404"):
-        failure = classify("image_store", s3_error(code))
-        assert failure.reason == "image_store_no_bucket" and failure.permanent
+        missing = s3_error(code)
+        assert classify("image_store", missing) == Failure(
+            "image_store_no_bucket", True, str(missing)
+        )
+    no_code = ImageStoreError("cannot upload")
+    no_code.response = {"ResponseMetadata": {"HTTPStatusCode": 500}}  # type: ignore[attr-defined]
+    assert classify("image_store", no_code).reason == "image_store_unreachable"
     slow = classify("image_store", s3_error("SlowDown"))
     assert slow.reason == "image_store_unreachable" and not slow.permanent
     down = ImageStoreError("cannot reach")
@@ -69,7 +75,10 @@ def test_failures_are_classified_by_cause() -> None:
     full = classify("outbox", OSError(errno.ENOSPC, "No space left on device"))
     assert full == Failure("disk_full", False, "[Errno 28] No space left on device")
     assert classify("database", OSError(errno.ENOSPC, "full")).reason == "disk_full"
-    assert classify("outbox", OSError(errno.EROFS, "ro")).reason == "read_only"
+    # A read-only volume is transient (parking would retry it only every park_retry_s).
+    assert classify("outbox", OSError(errno.EROFS, "ro")) == Failure(
+        "read_only", False, "[Errno 30] ro"
+    )
     assert classify("image_store", OSError(errno.EROFS, "ro")).reason == "image_store_unreachable"
     assert classify("outbox", RuntimeError("?")) == Failure("outbox_error", False, "?")
     assert classify("outbox", RuntimeError()).detail == "RuntimeError"
@@ -354,6 +363,41 @@ def test_request_spans_are_remembered_and_forgotten(tmp_path: Path) -> None:
             r.drainer.forget(uuid.uuid4())  # a delete of an item never remembered is fine
 
     asyncio.run(scenario())
+
+
+def test_drain_spans_link_to_the_request_that_saved_the_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload's and the insert's spans link to the saving request's span (the save
+    outlives the request); what was remembered is forgotten once the item is drained."""
+    spans: list[tuple[str, dict[str, object], list[object]]] = []
+
+    @contextlib.contextmanager
+    def spy(name: str, attributes: dict[str, object], links: object = ()):  # type: ignore[no-untyped-def]
+        spans.append((name, attributes, list(links or ())))  # type: ignore[call-overload]
+        yield
+
+    monkeypatch.setattr(drainer_module, "traced", spy)
+    linked, plain = record(), record()
+
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            r.drainer.remember_request(linked.uid, "request span")  # type: ignore[arg-type]
+            for saved in (linked, plain):
+                await r.outbox.add(saved, saved.uid.bytes)
+            await r.until(lambda: r.drainer.drained == 2)
+            assert r.drainer._request_spans == {}
+
+    asyncio.run(scenario())
+    uploads = {
+        attrs["prediction.uid"]: links for name, attrs, links in spans if name == "save_image_s3"
+    }
+    assert uploads == {str(linked.uid): ["request span"], str(plain.uid): []}
+    inserts = [
+        (attrs["db.rows"], links) for name, attrs, links in spans if name == "save_prediction_db"
+    ]
+    assert sum(rows for rows, _ in inserts) == 2  # type: ignore[misc]
+    assert [link for _, links in inserts for link in links] == ["request span"]
 
 
 def test_a_failure_schedules_the_item_and_the_drainer(
