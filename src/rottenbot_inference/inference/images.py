@@ -1,7 +1,8 @@
 """The image pipeline: sniff the format from the bytes, decode, orient, resize to the model input.
 
 Resizing follows training (`keras.utils.image_dataset_from_directory` defaults): bilinear with
-half-pixel centres, aspect ratio not kept, no antialiasing - `cv2.INTER_LINEAR` computes the same.
+half-pixel centres, aspect ratio not kept, no antialiasing - computed as OpenCV's `INTER_LINEAR`
+does, bit for bit (`resize.py`; OpenCV itself is not in the runtime image).
 JPEGs are decoded by libjpeg-turbo (simplejpeg) with the fast integer IDCT, as TensorFlow does,
 optionally at a reduced DCT scale for large photos. Everything else goes through Pillow.
 """
@@ -15,10 +16,11 @@ import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 
-import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image
+
+from rottenbot_inference.inference.resize import resize_bilinear
 
 ACCEPTED_CONTENT_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png"})
 # Multipart parts without a useful declared type are judged by their bytes alone.
@@ -47,7 +49,6 @@ _JPEG_FILL = re.compile(rb"\xff+")
 _BLOCK_ROWS = 256
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
-cv2.setNumThreads(1)  # our own thread pool parallelises across requests
 # Pillow warns once per distinct damaged EXIF tag ("Tag data larger than file. Skipping tag
 # N"): one upload could print thousands of lines. Damaged metadata is ignored anyway (see
 # _orientation), so these warnings are silenced once, process-wide, at import.
@@ -398,5 +399,5 @@ class ImagePreprocessor:
             )
         )
         if rgb.shape[:2] != (height, width):
-            rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+            rgb = resize_bilinear(rgb, width, height)
         return _orient(rgb, orientation).astype(np.float32)

@@ -8,13 +8,30 @@ picture shows through unchanged.
 
 from __future__ import annotations
 
-import cv2
+import io
+
 import numpy as np
+from PIL import Image
 
 from rottenbot_inference.inference.explain import Heatmap
+from rottenbot_inference.inference.resize import resize_bilinear
 
 MAX_SIDE = 448
 _OPACITY = 0.6  # of the colour at the heatmap's maximum
+
+
+def _jet() -> np.ndarray:
+    """The "jet" colour map (blue - cyan - yellow - red) as a 256x3 RGB table; within 1 of
+    OpenCV's COLORMAP_JET."""
+    x = np.arange(256) / 255
+
+    def ramp(centre: float) -> np.ndarray:
+        return np.clip(1.5 - np.abs(4 * x - centre), 0, 1)
+
+    return np.rint(np.stack([ramp(3), ramp(2), ramp(1)], axis=1) * 255).astype(np.float32)
+
+
+_JET = _jet()
 
 
 def output_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
@@ -28,21 +45,14 @@ def overlay_png(
 ) -> bytes:
     """PNG of `pixels` (model input, float RGB 0-255) with `heatmap` over it."""
     size = output_size(width, height, max_side)
-    photo = cv2.resize(np.clip(pixels, 0, 255).astype(np.uint8), size,
-                       interpolation=cv2.INTER_LINEAR)
+    photo = resize_bilinear(np.clip(pixels, 0, 255).astype(np.uint8), *size)
     positive = np.clip(heatmap.grid, 0, None)
     peak = float(positive.max())
     weight = positive / peak if peak > 0 else positive
-    weight = cv2.resize(weight.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
-    colours = cv2.applyColorMap(
-        (weight * 255).astype(np.uint8), cv2.COLORMAP_JET
-    )[..., ::-1].astype(np.float32)  # BGR -> RGB
+    weight = resize_bilinear(weight.astype(np.float32), *size)
+    colours = _JET[(weight * 255).astype(np.uint8)]
     alpha = (_OPACITY * np.sqrt(weight))[..., None]  # sqrt: weaker cells stay visible
     blended = photo.astype(np.float32) * (1 - alpha) + colours * alpha
-    ok, encoded = cv2.imencode(
-        ".png", cv2.cvtColor(blended.round().astype(np.uint8), cv2.COLOR_RGB2BGR),
-        [cv2.IMWRITE_PNG_COMPRESSION, 6],
-    )
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return encoded.tobytes()
+    buffer = io.BytesIO()
+    Image.fromarray(blended.round().astype(np.uint8), "RGB").save(buffer, "PNG", compress_level=6)
+    return buffer.getvalue()
