@@ -373,7 +373,7 @@ def test_drain_spans_link_to_the_request_that_saved_the_item(
     spans: list[tuple[str, dict[str, object], list[object]]] = []
 
     @contextlib.contextmanager
-    def spy(name: str, attributes: dict[str, object], links: object = ()):  # type: ignore[no-untyped-def]
+    def spy(name: str, attributes: dict[str, object] | None = None, links: object = ()):  # type: ignore[no-untyped-def]
         spans.append((name, attributes, list(links or ())))  # type: ignore[call-overload]
         yield
 
