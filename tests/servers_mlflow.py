@@ -225,15 +225,20 @@ def log_model(
     `flavor`: "tensorflow" (the old pipeline: `mlflow.tensorflow.log_model` of the Keras
     model, plus `index_to_class.json` logged in the run), "keras" or "onnx" (converted here).
     pip_requirements are given only to skip MLflow's slow requirement inference; the model
-    layout is the same. Returns (registered version, run id).
+    layout is the same. An `.onnx` file is logged as it is (flavor "onnx", no Keras import).
+    Returns (registered version, run id).
     """
-    import keras
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     mlflow.set_experiment("rottenbot")
-    model = keras.saving.load_model(model_path, compile=False)
+    if model_path.suffix == ".onnx":
+        flavor, model = "onnx", None
+    else:
+        import keras
+
+        model = keras.saving.load_model(model_path, compile=False)
     with mlflow.start_run() as run:
         if classes_in_run:
             mlflow.log_dict(classes or class_map(), "index_to_class.json")
@@ -248,9 +253,14 @@ def log_model(
                 pip_requirements=["keras", "tensorflow"],
             )
         elif flavor == "onnx":
-            from rottenbot_inference.inference import conversion
+            if model is None:
+                import onnx
 
-            proto = conversion.convert(conversion.load_keras_float32(model_path))
+                proto = onnx.load(model_path)
+            else:
+                from rottenbot_inference.inference import conversion
+
+                proto = conversion.convert(conversion.load_keras_float32(model_path))
             info = mlflow.onnx.log_model(
                 proto, name="model", registered_model_name=registered_name,
                 pip_requirements=["onnxruntime"],
