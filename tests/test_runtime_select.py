@@ -17,7 +17,14 @@ from pydantic import ValidationError
 from rottenbot_inference.inference import runtime_select
 from rottenbot_inference.inference.runtime import OnnxRuntime
 from rottenbot_inference.settings import Settings
-from tests.helpers import auth, jpeg_bytes, process_env, random_photo, require_import, running_server
+from tests.helpers import (
+    auth,
+    jpeg_bytes,
+    process_env,
+    random_photo,
+    require_import,
+    running_server,
+)
 
 require_import("openvino", "OpenVINO (a runtime dependency) is not importable")
 onnx = require_import("onnx", "onnx (the keras extra) builds the test models")
