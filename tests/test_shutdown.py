@@ -80,7 +80,7 @@ def test_draining_refuses_new_api_requests_keeps_probes_and_admitted_requests(
     assert client.get("/api/v1/inference/model", headers=auth()).status_code == 503
     assert client.get("/api/v1/inference/predictions", headers=auth()).status_code == 503
     # A request admitted before the signal is past the gate: the model is still there for it.
-    assert ready_state(state) is state and state.service.bundle is not None
+    assert asyncio.run(ready_state(state)) is state and state.service.bundle is not None
 
 
 class _FakeStore:

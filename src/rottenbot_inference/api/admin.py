@@ -22,7 +22,7 @@ router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 STATUS_BY_OUTCOME = {"swapped": 200, "unchanged": 200, "failed": 409, "unreachable": 503}
 
 
-def require_admin(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
+async def require_admin(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
     """404 when admin is off; 401 unless the request carries ADMIN_API_KEY (compared in
     constant time)."""
     configured = state.settings.admin_api_key

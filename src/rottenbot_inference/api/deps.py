@@ -83,7 +83,7 @@ async def current_user(
     return principal
 
 
-def ready_state(state: Annotated[AppState, Depends(get_state)]) -> AppState:
+async def ready_state(state: Annotated[AppState, Depends(get_state)]) -> AppState:
     """The state, once a model is serving; 503 before that and once shut down.
 
     While draining, a request that was admitted before the signal still gets its answer (new

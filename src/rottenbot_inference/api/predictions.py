@@ -50,7 +50,7 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-def _store(state: Annotated[AppState, Depends(get_state)]) -> PredictionStore:
+async def _store(state: Annotated[AppState, Depends(get_state)]) -> PredictionStore:
     if state.predictions is None:
         raise ServiceUnavailable("Saved predictions are not available right now.")
     return state.predictions

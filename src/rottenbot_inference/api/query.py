@@ -21,7 +21,7 @@ def _declared(dependant: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-def reject_unknown_query_params(request: Request) -> None:
+async def reject_unknown_query_params(request: Request) -> None:
     """A dependency: 422 for every query parameter the matched route does not declare."""
     allowed = _declared(request.scope["route"].dependant)
     unknown = [name for name in dict.fromkeys(request.query_params) if name not in allowed]

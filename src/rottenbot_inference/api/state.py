@@ -48,5 +48,7 @@ class AppState:
     challenger: Challenger | None = None  # the shadow challenger (CHALLENGER_URI)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """The app's state. Cheap dependencies are `async def` on purpose: FastAPI runs a plain
+    `def` dependency in a worker thread, a thread hand-off per request for nothing."""
     return request.app.state.rottenbot
