@@ -169,12 +169,15 @@ def _flock(path: Path) -> Any:
 Cursor = tuple[dt.datetime, uuid.UUID]
 
 
-def _insert_ignoring_duplicates(engine: AsyncEngine, rows: list[dict[str, Any]]) -> Any:
+def _insert_ignoring_duplicates(engine: AsyncEngine) -> Any:
+    """One statement for any number of rows (executemany), so SQLAlchemy compiles it once and
+    caches it; a multi-row VALUES list was compiled afresh on every drain (~2 ms of CPU)."""
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    return insert(_TABLE).values(rows).on_conflict_do_nothing(index_elements=["uid"])
+    statement = insert(_TABLE).on_conflict_do_nothing(index_elements=["uid"])
+    return statement.returning(_TABLE.c.uid)  # the rows really added (rowcount is unreliable)
 
 
 class PredictionRepository:
@@ -182,15 +185,15 @@ class PredictionRepository:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._insert = _insert_ignoring_duplicates(engine)
 
     async def insert_many(self, records: Sequence[PredictionRecord]) -> int:
         """Insert rows, ignoring uids already there (a retried drain). Returns rows added."""
         if not records:
             return 0
-        statement = _insert_ignoring_duplicates(self.engine, [r.to_row() for r in records])
         async with self.engine.begin() as conn:
-            result = await conn.execute(statement)
-        return max(result.rowcount or 0, 0)
+            result = await conn.execute(self._insert, [r.to_row() for r in records])
+            return len(result.all())
 
     async def page(
         self,
