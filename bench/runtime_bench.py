@@ -1,13 +1,16 @@
-"""Runtime-only benchmark: images/s of the ONNX Runtime session at batch sizes 1..16.
+"""Runtime-only benchmark: images/s of the serving runtime at batch sizes 1..16.
 
     python bench/runtime_bench.py --model /tmp/prod            # MLflow dir, .keras or .onnx
     python bench/runtime_bench.py --model /tmp/prod --threads 2 --rounds 5
+    python bench/runtime_bench.py --model /tmp/prod --compare-runtimes   # + the runtime table
 
 Builds the bundle exactly as the service does (conversion cached in DATA_DIR/model-cache),
 then times `bundle.predict` in interleaved rounds (the VM's speed drifts) and reports medians:
 one stream of calls with all CPUs as intra-op threads (the best single-image latency). Then,
 as the service runs it by default, one single-threaded stream per CPU at batch 1 on the same
-session (throughput, images/s).
+session (throughput, images/s). The runtime is whatever MODEL_RUNTIME / MODEL_PRECISION pick
+(auto: see docs/models.md). `--compare-runtimes` adds ONNX Runtime fp32, OpenVINO fp32 and
+OpenVINO bf16 side by side (bench/runtime_compare.py).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=None,
                         help="concurrent single-threaded streams (default: the CPU quota)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--compare-runtimes", action="store_true",
+                        help="also measure ONNX Runtime fp32, OpenVINO fp32 and OpenVINO bf16")
     args = parser.parse_args()
 
     threads = args.threads or cpu_quota()
@@ -93,10 +98,18 @@ def main() -> None:
     streams = args.streams or cpu_quota()
     parallel = concurrent_streams(args.model, streams, seconds=2.0 * args.rounds)
     print(f"{streams} single-threaded streams at batch 1: {parallel:.1f} images/s")
+    compared = None
+    if args.compare_runtimes:
+        from runtime_compare import compare_runtimes, print_table
+
+        compared = compare_runtimes(args.model, streams, args.rounds, args.calls)
+        print_table(compared)
     if args.json:
         args.json.write_text(json.dumps(
             {"load_s": load_s, "threads": threads, "rows": rows,
-             "streams": {"count": streams, "images_per_s": parallel}}, indent=1))
+             "runtime": bundle.runtime.describe(),
+             "streams": {"count": streams, "images_per_s": parallel},
+             "runtimes": compared}, indent=1))
 
 
 if __name__ == "__main__":
