@@ -115,9 +115,7 @@ def compare_runtimes(
                 "images_per_s_b4": statistics.median(batch4[label]),
                 "images_per_s_streams": statistics.median(parallel[label]),
                 "streams": streams,
-                "top1_agreement": float(
-                    (probabilities.argmax(1) == reference.argmax(1)).mean()
-                ),
+                "top1_agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean()),
                 "max_abs_diff": float(np.abs(probabilities - reference).max()),
                 "photos": len(photos),
             }

@@ -160,12 +160,14 @@ def run_sweep(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     runtime_json = folder / "runtime.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "runtime_bench.py"), "--model",
                     str(args.model), "--rounds", "2" if short else "5", "--calls", "10",
-                    "--json", str(runtime_json)],
+                    "--compare-runtimes", "--json", str(runtime_json)],
                    check=True, env={**os.environ, "DATA_DIR": str(folder / "runtime")},
                    stdout=subprocess.DEVNULL)
     runtime = json.loads(runtime_json.read_text())
     results["runtime"], results["runtime_streams"] = runtime["rows"], runtime["streams"]
     results["runtime_threads"] = runtime["threads"]
+    results["runtimes"] = runtime.get("runtimes") or []
+    results["serving_runtime"] = runtime.get("runtime")
 
     stack = Stack(folder, args.model)
     try:
@@ -307,7 +309,12 @@ def markdown(results: dict[str, Any], command: str) -> str:
              _yes(max(results["rss_mb"].values()) <= 600)],
         ]),
         "",
-        "## Runtime only (ONNX Runtime session)",
+        "## Runtimes compared (bench/runtime_compare.py)",
+        "",
+        runtime_table(results.get("runtimes") or []),
+        "",
+        "## Runtime only (the serving runtime: "
+        f"{_serving(results.get('serving_runtime'))})",
         "",
         f"One stream of calls, {results['runtime_threads']} intra-op threads (best single-image "
         "latency):",
@@ -360,6 +367,27 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def _serving(described: dict[str, Any] | None) -> str:
+    if not described:
+        return "ONNX Runtime fp32"
+    return f"{described['name']} {described.get('precision', 'fp32')}"
+
+
+def runtime_table(rows: list[dict[str, Any]]) -> str:
+    """ORT fp32 / OpenVINO fp32 / OpenVINO bf16: speed and agreement with ORT fp32."""
+    if not rows:
+        return "(not measured)"
+    streams = rows[0]["streams"]
+    return table(
+        ["runtime", "computes in", "ms/img batch 1", "CPU ms/img batch 1", "img/s batch 4",
+         f"img/s, {streams} streams", "top-1 agreement with ORT fp32", "max abs softmax diff"],
+        [[r["variant"], r["runtime"] if r["fallback"] else r["precision"], f"{r['ms_b1']:.1f}",
+          f"{r['cpu_ms_b1']:.1f}", f"{r['images_per_s_b4']:.0f}",
+          f"{r['images_per_s_streams']:.0f}", f"{100 * r['top1_agreement']:.0f} %",
+          f"{r['max_abs_diff']:.2g}"] for r in rows],
+    )
 
 
 def _yes(ok: bool) -> str:
