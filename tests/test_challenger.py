@@ -38,6 +38,14 @@ from tests.helpers import (
 from tests.servers_mlflow import MlflowServer, log_model, metric_value, set_alias
 from tests.servers_storage import PREDICTIONS, poll
 from tests.test_overload import Server
+from tests.test_telemetry import (
+    _LABEL,
+    _SELECTOR,
+    CHALLENGER_ONLY,
+    DASHBOARD,
+    _expressions,
+    _scrape,
+)
 
 PREDICT = "/api/v1/inference/predict"
 COMPARISON = "/api/v1/inference/model/comparison"
@@ -176,6 +184,22 @@ def comparison(client: TestClient, **params: str) -> dict[str, Any]:
 
 def shadow_counts(client: TestClient) -> dict[str, Any]:
     return client.app.state.rottenbot.challenger.describe()["shadow"]  # type: ignore[attr-defined]
+
+
+def dashboard_series_exist(client: TestClient) -> None:
+    """The challenger's Grafana panels query only series /metrics has (with a challenger)."""
+    samples = _scrape(client)
+    checked = 0
+    for expression in _expressions(json.loads(DASHBOARD.read_text())):
+        for name, selector in _SELECTOR.findall(expression):
+            if not name.startswith(CHALLENGER_ONLY):
+                continue
+            checked += 1
+            assert name in samples, f"the dashboard queries {name}, which /metrics lacks"
+            labels = set().union(*(sample.labels for sample in samples[name]))
+            for label, _ in _LABEL.findall(selector or ""):
+                assert label in labels, f"{name} has no label {label}"
+    assert checked >= 4
 
 
 # -- without a registry ---------------------------------------------------------------------
@@ -335,6 +359,7 @@ def test_agreement_matches_offline_feedback_and_a_broken_challenger_is_refused(
     assert body["feedback"]["champion_correct"] == 12 - saved_blue
     assert body["feedback"]["challenger_correct"] == 12
     assert body["mean_challenger_ms"] > 0
+    dashboard_series_exist(client)
 
     # A broken challenger version is refused; the champion serves on, the challenger stays v2.
     set_alias(mlflow_server.url, name, "challenger", broken)
