@@ -12,6 +12,7 @@ import itertools
 import logging
 import random
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -143,6 +144,15 @@ class FlakyStore(LocalImageStore):
         self.fail_first = 0
         self.error: ImageStoreError = ImageStoreError("store down")
         self.refuse_keys: set[str] = set()
+        self.ready_threads: list[str] = []  # the thread of each `ensure_ready` call
+        self.ready_error: ImageStoreError | None = None  # raised once by `ensure_ready`
+
+    def ensure_ready(self) -> None:
+        self.ready_threads.append(threading.current_thread().name)
+        error, self.ready_error = self.ready_error, None
+        if error is not None:
+            raise error
+        super().ensure_ready()
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self.calls += 1
@@ -187,7 +197,7 @@ async def rig(tmp_path: Path, **drainer_options: float) -> AsyncIterator[Rig]:
     outbox = Outbox(tmp_path / "outbox", 1000, 10**8)
     await outbox.open()
     store = FlakyStore(tmp_path / "images")
-    executor = ThreadPoolExecutor(4)
+    executor = ThreadPoolExecutor(4, thread_name_prefix="drainer-test")
     options = {"batch_size": 4, "retry_base_s": 0.01, "retry_max_s": 0.05, **drainer_options}
     drainer = Drainer(outbox, executor, **options)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError):
@@ -299,6 +309,50 @@ def test_a_row_the_database_rejects_is_isolated_from_its_batch(tmp_path: Path) -
             await r.until(lambda: r.outbox.parked == 1)
             assert r.outbox.get(poison) is not None and r.outbox.backlog == 1
             assert r.drainer.failures_by_reason == {"database_rejected": 1}
+
+    asyncio.run(scenario())
+
+
+def test_the_store_is_made_ready_once_before_the_first_upload(tmp_path: Path) -> None:
+    """`ensure_ready` (S3: create the bucket if missing) runs on the drainer's executor before
+    any upload, is retried while it fails, and once it succeeded is not called again."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            await r.drainer.stop(0)  # add first, then let the drainer start on them
+            r.drainer._task = None
+            r.drainer._closing = False
+            r.store.ready_error = ImageStoreError("cannot check bucket")
+            await r.add(2)
+            r.drainer.start()
+            await r.until(lambda: r.drainer.drained == 2)
+            assert r.drainer.failures_by_reason == {"image_store_unreachable": 2}
+            await r.add(6)  # later batches do not ask again
+            await r.until(lambda: r.drainer.drained == 8)
+            assert len(r.store.ready_threads) == 2 and r.store.calls == 8
+            assert all(name.startswith("drainer-test") for name in r.store.ready_threads)
+
+    asyncio.run(scenario())
+
+
+def test_a_rejected_batch_returns_every_row_stored_one_by_one(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path, park_retry_s=60) as r:
+            async with r.repository.engine.begin() as conn:  # type: ignore[attr-defined]
+                await conn.execute(
+                    text(
+                        "CREATE TRIGGER reject BEFORE INSERT ON predictions "
+                        "WHEN NEW.predicted_class_name = 'Poison' "
+                        "BEGIN SELECT RAISE(ABORT, 'rejected'); END"
+                    )
+                )
+            await r.drainer.stop(0)
+            good = [Entry(record(), 1, 0.0) for _ in range(3)]
+            poison = Entry(record(name="Poison"), 1, 0.0)
+            batch = [good[0], poison, good[1], good[2]]
+            assert await r.drainer._insert(batch) == good
+            assert r.stored() == {e.uid for e in good}
+            assert poison.parked and not any(e.attempts for e in good)
 
     asyncio.run(scenario())
 

@@ -435,6 +435,7 @@ def test_disk_errors_are_recognised() -> None:
     for code in (errno.EROFS, errno.EACCES, errno.EPERM):
         assert is_read_only(OSError(code, "no"))
     assert is_read_only(sqlite3.OperationalError("attempt to write a readonly database"))
+    assert is_read_only(sqlite3.OperationalError("attempt to write a read-only database"))
     assert not is_read_only(OSError(errno.ENOSPC, "full")) and not is_read_only(ValueError("ro"))
     assert not is_read_only(sqlite3.OperationalError("database is locked"))
 
