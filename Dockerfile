@@ -19,15 +19,21 @@ FROM scratch AS model
 # --- deps: a virtual environment with the locked runtime dependencies ---------------------------
 # (its own stage so that `deps-keras` below does not depend on src/: TensorFlow's layer is
 # reused while only the service's code changes)
+# binutils: `strip` for the slim stage (build stages only; no runtime image gets it). Wheels are
+# installed without bytecode: the slim stage compiles only what the service imports.
 FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PATH=/opt/venv/bin:$PATH
-RUN python -m venv /opt/venv
+# hadolint ignore=DL3008
+RUN apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends binutils >/dev/null \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -m venv /opt/venv
 WORKDIR /src
 COPY requirements/runtime.txt requirements/runtime.txt
-RUN pip install -r requirements/runtime.txt
+RUN pip install --no-compile -r requirements/runtime.txt
 
 # --- builder: + the service ----------------------------------------------------------------------
 FROM deps AS builder
@@ -37,17 +43,18 @@ RUN pip install --no-deps . \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is not None)"
 
 # --- slim: the builder's venv less what the service never imports at run time -----------------
-# (installers, test suites, onnxruntime's tools and C-API library, botocore's non-S3 services;
-# bytecode only for what is imported: scripts/slim_venv.py, docs/containers.md). Its import check
-# runs the bundled ONNX model, so a cut too many fails the build.
+# (installers, test suites, stubs and headers, onnxruntime's tools and C-API library, botocore's
+# non-S3 services, OpenVINO but its CPU plugin and ONNX frontend, debug symbols; bytecode only for
+# what is imported: scripts/slim_venv.py, docs/containers.md). Its import check runs the bundled
+# ONNX model with ONNX Runtime and compiles it with OpenVINO, so a cut too many fails the build.
 FROM builder AS slim
 COPY scripts/slim_venv.py /tmp/slim_venv.py
-RUN python /tmp/slim_venv.py /opt/venv
+RUN python /tmp/slim_venv.py --strip /opt/venv
 
 # --- deps-keras: + TensorFlow, tf2onnx, onnx at the versions the test lock pins ---------------
 FROM deps AS deps-keras
 COPY requirements/test.txt requirements/test.txt
-RUN pip install -c requirements/test.txt tensorflow-cpu tf2onnx onnx
+RUN pip install --no-compile -c requirements/test.txt tensorflow-cpu tf2onnx onnx
 
 # --- builder-keras: + the service -----------------------------------------------------------------
 FROM deps-keras AS builder-keras
@@ -89,9 +96,13 @@ USER 10001:10001
 ENTRYPOINT ["rottenbot-inference"]
 CMD ["serve"]
 
+# --- keras-venv: builder-keras's venv with bytecode (the root filesystem is read-only) ----------
+FROM builder-keras AS keras-venv
+RUN python -m compileall -q -j 0 /opt/venv
+
 # --- keras: converts Keras models (e.g. from MLflow) at start; ~1.3 GB of TensorFlow more ------
 FROM base AS keras
-COPY --from=builder-keras /opt/venv /opt/venv
+COPY --from=keras-venv /opt/venv /opt/venv
 ENV MODEL_RUNTIME=auto
 
 # --- with-model: the slim runtime + a model converted at build time (no TensorFlow inside) -----

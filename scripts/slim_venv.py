@@ -1,12 +1,17 @@
 """Cut from the runtime image's virtual environment what the service never imports at run time.
 
-Run by the Dockerfile's `slim` stage (`python slim_venv.py /opt/venv`); prints the size of each
-package before and after. It removes installers (pip, setuptools), test suites, onnxruntime's
-model tools and its C-API library (Python loads only the pybind module), numpy's f2py, and every
-botocore service description but S3's. Then it compiles bytecode only for what the service
-imports - its own package, everything its modules import, and the backends it imports lazily
-(storage, MLflow, OTLP) - and checks on the way that nothing it needs was cut: the image's root
-filesystem is read-only, so a module without a .pyc would be compiled in memory at every start.
+Run by the Dockerfile's `slim` stage (`python slim_venv.py --strip /opt/venv`); prints the size of
+each package before and after. It removes installers (pip, setuptools), test suites, type stubs,
+C headers and Cython sources, onnxruntime's model tools and its C-API library (Python loads only
+the pybind module), numpy's f2py, every botocore service description but S3's, and all of
+OpenVINO but its CPU plugin and its ONNX (and IR) frontends. `--strip` removes symbol tables and
+debug information from extension modules (`strip --strip-unneeded`; libraries that auditwheel
+grafted into `*.libs/` are left alone: they come stripped, and patchelf rewrote them). Then it
+compiles bytecode only for what the service imports - its own package, everything its modules
+import, and the backends it imports lazily (storage, MLflow, OTLP) - and checks on the way that
+nothing it needs was cut: ONNX Runtime runs each bundled model and OpenVINO compiles it for the
+CPU. The image's root filesystem is read-only, so a module without a .pyc would be compiled in
+memory at every start.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+# OpenVINO frontends (model formats) the service never reads: it hands OpenVINO ONNX files.
+OPENVINO_FRONTENDS_CUT = ("tensorflow", "tensorflow_lite", "pytorch", "paddle", "jax", "gguf")
+OPENVINO_PLUGINS_CUT = ("intel_gpu", "intel_npu", "auto", "auto_batch", "hetero")
 # Relative to site-packages; globs.
 CUT = (
     "pip", "pip-*.dist-info", "setuptools", "setuptools-*.dist-info", "pkg_resources",
@@ -27,6 +35,16 @@ CUT = (
     "numpy/f2py", "numpy/distutils", "numpy/_pyinstaller",
     "onnxruntime/transformers", "onnxruntime/quantization", "onnxruntime/tools",
     "onnxruntime/datasets", "onnxruntime/capi/libonnxruntime.so*",
+    "**/*.pyi", "**/*.pyx", "**/*.pxd", "**/*.pxi", "**/*.h", "numpy/_core/include",
+    # OpenVINO: the service compiles ONNX models for the CPU only. Other devices' plugins (and
+    # the GPU plugin's kernel cache, cache.json), other model formats' frontends, the C API,
+    # the model converter and benchmark tools, headers and CMake files go.
+    *(f"openvino/libs/libopenvino_{name}_plugin.so" for name in OPENVINO_PLUGINS_CUT),
+    "openvino/libs/cache.json",
+    "openvino/libs/libopenvino_c.so*",
+    *(f"openvino/libs/libopenvino_{name}_frontend.so*" for name in OPENVINO_FRONTENDS_CUT),
+    *(f"openvino/frontend/{name}" for name in OPENVINO_FRONTENDS_CUT),
+    "openvino/include", "openvino/cmake", "openvino/tools", "openvino/torch",
 )
 # botocore/data/<service>/: only these services are kept (the files at data/'s top stay).
 BOTOCORE_SERVICES = frozenset({"s3"})
@@ -46,8 +64,8 @@ LAZY = (
     "uvicorn.loops.uvloop", "uvicorn.protocols.http.httptools_impl",
     "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.on",
 )
-# Only the model converter (builder-keras) has these.
-CONVERTER_ONLY = ("tensorflow", "keras", "tf2onnx", "onnx")
+# Only the model converter (builder-keras) has these; cv2 draws the demo's training images.
+CONVERTER_ONLY = ("tensorflow", "keras", "tf2onnx", "onnx", "cv2")
 
 WARM = r"""
 import importlib, pkgutil, sys
@@ -73,7 +91,17 @@ for path in models:
     spec = session.get_inputs()[0]
     shape = [dim if isinstance(dim, int) else 1 for dim in spec.shape]
     session.run(None, {spec.name: np.zeros(shape, np.float32)})
-print(f"warm imports: {len(sys.modules)} modules, {len(models)} ONNX model(s) run")
+import openvino
+core = openvino.Core()
+assert core.available_devices == ["CPU"], core.available_devices
+frontends = openvino.frontend.FrontEndManager().get_available_front_ends()
+assert "onnx" in frontends, frontends
+for path in models:
+    compiled = core.compile_model(core.read_model(str(path)), "CPU")
+    shape = [max(dim, 1) for dim in compiled.inputs[0].get_partial_shape().get_min_shape()]
+    compiled(np.zeros(shape, np.float32))
+print(f"warm imports: {len(sys.modules)} modules, {len(models)} ONNX model(s) run by ONNX "
+      f"Runtime and compiled by OpenVINO for {core.available_devices} (frontends {frontends})")
 """
 
 
@@ -114,6 +142,32 @@ def cut(site: Path) -> None:
             shutil.rmtree(service)
 
 
+def strip(site: Path) -> int:
+    """`strip --strip-unneeded` each extension module outside `*.libs/`; bytes saved."""
+    saved = 0
+    for path in sorted(site.rglob("*.so*")):
+        if path.is_symlink() or not path.is_file() or any(
+            part.endswith(".libs") for part in path.relative_to(site).parts
+        ):
+            continue
+        stripped = path.with_name(path.name + ".stripped")
+        result = subprocess.run(
+            ["strip", "--strip-unneeded", "-o", str(stripped), str(path)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:  # not an ELF file, or one strip cannot rewrite: kept
+            stripped.unlink(missing_ok=True)
+            continue
+        before, after = path.stat().st_size, stripped.stat().st_size
+        if after < before:
+            shutil.copymode(path, stripped)
+            stripped.replace(path)
+            saved += before - after
+        else:
+            stripped.unlink()
+    return saved
+
+
 def warm(venv: Path, site: Path) -> None:
     """Import what the service imports with the venv's Python, writing .pyc files."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -137,12 +191,15 @@ def report(before: Counter[str], after: Counter[str], top: int = 25) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("venv", type=Path)
+    parser.add_argument("--strip", action="store_true", help="strip extension modules")
     args = parser.parse_args()
     site = site_packages(args.venv)
     before = sizes(site)
     cut(site)
     for script in args.venv.glob("bin/pip*"):
         script.unlink()
+    if args.strip:
+        print(f"strip --strip-unneeded: {strip(site) / 1e6:.1f} MB saved")
     warm(args.venv, site)
     report(before, sizes(site))
     return 0
