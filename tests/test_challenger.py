@@ -224,6 +224,21 @@ def test_no_challenger_no_cost(
     assert client.get(COMPARISON).status_code == 401  # the admin key guards it
 
 
+def test_a_challenger_that_cannot_load_leaves_the_champion_serving(
+    make_app: Callable[..., TestClient], models: dict[str, Path]
+) -> None:
+    client = make_app(
+        model_path=models["v1"], challenger_uri=str(models["broken"]), model_poll_interval_s=0.2
+    )
+    state = client.app.state.rottenbot  # type: ignore[attr-defined]
+    failure = poll(lambda: state.challenger.manager.last_failure, 60, "the broken one loaded?")
+    assert "not probabilities" in failure.detail
+    assert predict(client, photos(1)[0])["predicted_class"] in (0, 1, 2)
+    body = comparison(client)
+    assert body["challenger"]["loaded"] is False and body["samples"] == 0
+    assert body["challenger"]["shadow"]["skipped"] == {"not_loaded": 1}
+
+
 # -- overload ---------------------------------------------------------------------------------
 
 

@@ -78,7 +78,7 @@ class ChallengerSlot:
 
 class ChallengerManager(ModelManager):
     """The champion's reloader, for the challenger: own metrics, warmed for batches of one,
-    retrying a pinned URI it could not load yet at each poll interval."""
+    retrying an MLflow URI it could not load yet (pinned too) at each poll interval."""
 
     def __init__(self, settings: Settings, slot: ChallengerSlot, source: ModelSource) -> None:
         super().__init__(settings, slot, source=source)  # type: ignore[arg-type]
@@ -86,7 +86,8 @@ class ChallengerManager(ModelManager):
 
     @property
     def polls(self) -> bool:
-        if self.current is None and self.settings.model_poll_interval_s > 0:
+        interval = self.settings.model_poll_interval_s
+        if self.current is None and interval > 0 and isinstance(self.source, MlflowSource):
             return True  # not loaded yet (registry down, refused): keep trying
         return super().polls
 
