@@ -335,6 +335,36 @@ def test_the_store_is_made_ready_once_before_the_first_upload(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
+def test_an_outbox_that_fails_to_read_or_remove_is_retried(tmp_path: Path) -> None:
+    """Reading an image back or removing drained items can fail (the volume): the items are
+    retried with backoff under that reason, and none is lost or stored twice."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            real_load, real_remove = r.outbox.load_images, r.outbox.remove
+            errors = {"load": [OSError(errno.EIO, "I/O error")], "remove": [RuntimeError("?")]}
+
+            async def load_images(uids):  # type: ignore[no-untyped-def]
+                if errors["load"]:
+                    raise errors["load"].pop()
+                return await real_load(uids)
+
+            async def remove(uids):  # type: ignore[no-untyped-def]
+                if errors["remove"]:
+                    raise errors["remove"].pop()
+                return await real_remove(uids)
+
+            r.outbox.load_images = load_images  # type: ignore[method-assign]
+            r.outbox.remove = remove  # type: ignore[method-assign]
+            uids = await r.add(1)
+            await r.until(lambda: r.drainer.drained == 1)
+            assert r.drainer.failures_by_reason == {"outbox_error": 2}
+            assert r.stored() == set(uids) and r.outbox.backlog == 0
+            assert r.drainer.healthy and r.drainer.last_error == "outbox_error: ?"
+
+    asyncio.run(scenario())
+
+
 def test_a_rejected_batch_returns_every_row_stored_one_by_one(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with rig(tmp_path, park_retry_s=60) as r:
