@@ -1,15 +1,18 @@
 """Cold start: process start -> /health/ready 200, and the serving process's RSS.
 
-    python bench/cold_start.py [--model PATH] [--runs 3]
+    python bench/cold_start.py [--model PATH] [--runs 3] [--runtime openvino] [--no-openvino-cache]
 
 Starts `rottenbot-inference serve` on a free loopback port with a warm conversion cache (a first
-run fills it and is not counted) and reports the median time to ready.
+run fills it and is not counted) and reports the median time to ready. `--runtime` sets
+MODEL_RUNTIME; `--no-openvino-cache` empties OpenVINO's compiled-model cache
+(MODEL_CACHE_DIR/openvino) before every start, to measure what the cache saves.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -60,14 +63,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="MODEL_PATH (default: the demo model)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runtime", default=None, help="MODEL_RUNTIME (default: as configured)")
+    parser.add_argument("--no-openvino-cache", action="store_true",
+                        help="empty MODEL_CACHE_DIR/openvino before every start")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
         env = {"DATA_DIR": data_dir, "LOG_FORMAT": "text"}
         if args.model:
             env["MODEL_PATH"] = args.model
-        first, _ = start_once(env)
+        if args.runtime:
+            env["MODEL_RUNTIME"] = args.runtime
+        cache = Path(os.environ.get("MODEL_CACHE_DIR") or Path(data_dir) / "model-cache")
+
+        def start() -> tuple[float, float]:
+            if args.no_openvino_cache:
+                shutil.rmtree(cache / "openvino", ignore_errors=True)
+            return start_once(env)
+
+        first, _ = start()
         print(f"first start (fills the conversion cache if needed): {first:.2f} s")
-        runs = [start_once(env) for _ in range(args.runs)]
+        runs = [start() for _ in range(args.runs)]
         times = [t for t, _ in runs]
         print(f"cold start to ready, cached: median {statistics.median(times):.2f} s "
               f"(runs: {', '.join(f'{t:.2f}' for t in times)}); RSS at ready "
