@@ -144,7 +144,6 @@ def build_runtime(settings: Settings, onnx: Path, threads: int) -> Selected:
                 threads=threads,
                 workers=settings.effective_inference_workers,
                 precision=precision,
-                max_batch_size=settings.max_batch_size,
                 cache_dir=_ov_cache(settings),
             )
             agreement = check_agreement(
