@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import itertools
 import logging
 import random
@@ -145,6 +146,7 @@ class FlakyStore(LocalImageStore):
         self.error: ImageStoreError = ImageStoreError("store down")
         self.refuse_keys: set[str] = set()
         self.ready_threads: list[str] = []  # the thread of each `ensure_ready` call
+        self.puts: list[tuple[str, str, str]] = []  # (key, content type, thread) per upload
         self.ready_error: ImageStoreError | None = None  # raised once by `ensure_ready`
 
     def ensure_ready(self) -> None:
@@ -156,6 +158,7 @@ class FlakyStore(LocalImageStore):
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self.calls += 1
+        self.puts.append((key, content_type, threading.current_thread().name))
         if self.calls <= self.fail_first or key in self.refuse_keys:
             raise self.error
         super().put(key, data, content_type)
@@ -229,7 +232,6 @@ def test_the_drainer_retries_with_backoff_until_the_store_recovers(tmp_path: Pat
             assert await r.repository.count() == 10
             for saved in records:
                 assert (tmp_path / "images" / saved.image_path).read_bytes() == saved.uid.bytes
-                # The row records the bytes actually stored.
             # Re-draining the same items (a crash between insert and outbox delete) adds none.
             assert await r.repository.insert_many(records) == 0
 
@@ -331,6 +333,44 @@ def test_the_store_is_made_ready_once_before_the_first_upload(tmp_path: Path) ->
             await r.until(lambda: r.drainer.drained == 8)
             assert len(r.store.ready_threads) == 2 and r.store.calls == 8
             assert all(name.startswith("drainer-test") for name in r.store.ready_threads)
+
+    asyncio.run(scenario())
+
+
+def test_an_upload_is_not_repeated_when_the_insert_fails(tmp_path: Path) -> None:
+    """Uploads run on the drainer's executor with the record's content type (or a generic
+    one); an image uploaded before its insert failed is not uploaded again on the retry; the
+    row records the size and hash of the bytes actually stored."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            real_insert = r.repository.insert_many
+            down = [OperationalError("INSERT", {}, Exception("connection refused"))]
+
+            async def insert_many(records):  # type: ignore[no-untyped-def]
+                if down:
+                    raise down.pop()
+                return await real_insert(records)
+
+            r.repository.insert_many = insert_many  # type: ignore[method-assign]
+            typed, untyped = record(), record()
+            untyped.content_type = None
+            images = {typed.uid: b"typed image", untyped.uid: b"untyped"}
+            for saved in (typed, untyped):
+                await r.outbox.add(saved, images[saved.uid])
+            await r.until(lambda: r.drainer.drained == 2)
+            assert r.drainer.failures_by_reason["database_unreachable"] >= 1
+            assert sorted((key, kind) for key, kind, _ in r.store.puts) == sorted(
+                [(typed.image_path, "image/jpeg"), (untyped.image_path, "application/octet-stream")]
+            )
+            assert all(thread.startswith("drainer-test") for _, _, thread in r.store.puts)
+            assert r.drainer._uploaded == set()
+            with sqlite3.connect(r.database) as conn:
+                rows = conn.execute("SELECT uid, image_bytes, image_sha256 FROM predictions")
+                stored = {uuid.UUID(uid): (size, digest) for uid, size, digest in rows}
+            assert stored == {
+                uid: (len(data), hashlib.sha256(data).hexdigest()) for uid, data in images.items()
+            }
 
     asyncio.run(scenario())
 
@@ -474,9 +514,14 @@ def test_drain_spans_link_to_the_request_that_saved_the_item(
 
     asyncio.run(scenario())
     uploads = {
-        attrs["prediction.uid"]: links for name, attrs, links in spans if name == "save_image_s3"
+        attrs["prediction.uid"]: (attrs, links)
+        for name, attrs, links in spans
+        if name == "save_image_s3"
     }
-    assert uploads == {str(linked.uid): ["request span"], str(plain.uid): []}
+    assert uploads == {
+        str(saved.uid): ({"prediction.uid": str(saved.uid), "image.bytes": 16}, links)
+        for saved, links in ((linked, ["request span"]), (plain, []))
+    }
     inserts = [
         (attrs["db.rows"], links) for name, attrs, links in spans if name == "save_prediction_db"
     ]
