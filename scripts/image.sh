@@ -67,6 +67,8 @@ podman_config() {
   if [ "$(id -u)" -eq 0 ]; then
     dir="${ROTTENBOT_PODMAN_DIR:-/var/tmp/rottenbot-podman}"
     run="/run/rottenbot-podman"
+    # Another storage folder gets its own run folder: two stores must never share a runroot.
+    [ "$dir" = /var/tmp/rottenbot-podman ] || run="$run-$(printf %s "$dir" | md5sum | cut -c1-8)"
   else
     dir="${ROTTENBOT_PODMAN_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/rottenbot-podman}"
     run="${XDG_RUNTIME_DIR:-/tmp}/rottenbot-podman-$(id -u)"
