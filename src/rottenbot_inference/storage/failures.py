@@ -51,6 +51,10 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _s3_code(exc: BaseException) -> str | None:
+    """S3's error code: an upload error's own, or botocore's (in its parsed response)."""
+    code = getattr(exc, "s3_code", None)
+    if code is not None:
+        return str(code)
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")
