@@ -111,7 +111,9 @@ def test_outbox_is_bounded_by_items_and_bytes(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_outbox_adopts_items_of_slots_no_process_holds(tmp_path: Path) -> None:
+def test_outbox_adopts_items_of_slots_no_process_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Two workers had their own files; a single process started later drains both."""
 
     async def scenario() -> None:
@@ -130,9 +132,16 @@ def test_outbox_adopts_items_of_slots_no_process_holds(tmp_path: Path) -> None:
         await second.close()
 
         alone = Outbox(folder, 100, 10**6)
-        await alone.open()
-        assert {e.uid for e in alone.entries()} == {r.uid for r in a + b}
-        assert len(list(folder.glob("outbox-*.sqlite3"))) == 1
+        with caplog.at_level(logging.INFO, "rottenbot_inference.storage"):
+            await alone.open()
+        # Its own slot's items, then the adopted ones, each in the order they were saved.
+        assert alone.path == folder / "outbox-0.sqlite3"
+        assert [e.uid for e in alone.entries()] == [r.uid for r in a + b]
+        assert [p.name for p in folder.glob("outbox-1.sqlite3*")] == []  # its -wal, -shm too
+        assert caplog.messages == [
+            f"outbox: adopted 2 pending saves from {folder / 'outbox-1.sqlite3'}",
+            f"outbox {alone.path}: resuming 5 pending saves",
+        ]
         await alone.close()
 
     asyncio.run(scenario())
@@ -203,7 +212,47 @@ def test_an_add_is_durable_before_it_returns(
     asyncio.run(scenario())
 
 
-def test_outbox_start_drops_drained_rows_and_stray_files(tmp_path: Path) -> None:
+def test_connection_settings_and_unsynced_removals(tmp_path: Path) -> None:
+    """Every outbox connection: WAL, synchronous=FULL, a busy wait instead of "database is
+    locked", a WAL truncated back to 4 MiB and incremental vacuum. Removals only are
+    committed with synchronous=NORMAL (no fsync: only adds carry the promise)."""
+    from rottenbot_inference.storage import outbox_slots
+
+    conn = outbox_slots.connect(tmp_path / "new.sqlite3")
+    settings = {
+        name: conn.execute(f"PRAGMA {name}").fetchone()[0]
+        for name in ("journal_mode", "synchronous", "busy_timeout", "journal_size_limit")
+    }
+    assert settings == {
+        "journal_mode": "wal",
+        "synchronous": 2,
+        "busy_timeout": 30000,
+        "journal_size_limit": 4194304,
+    }
+    conn.execute(outbox_slots.SCHEMA)
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    conn.close()
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        writer = outbox._writer
+        assert writer is not None
+        first, second = record(), record()
+        await outbox.add(first, b"1")
+        await outbox.remove([first.uid])
+        assert writer.connection.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        await outbox.add(second, b"2")
+        assert writer.connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert writer.transactions == 3
+        await outbox.close()
+
+    run(scenario())
+
+
+def test_outbox_start_drops_drained_rows_and_stray_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """What a crash can leave behind is tidied at the next start: a record whose image file is
     gone was drained (files are only unlinked after the drain) and is dropped; an old image
     file no record names (an add that never committed) is deleted; pending saves are kept."""
@@ -225,10 +274,16 @@ def test_outbox_start_drops_drained_rows_and_stray_files(tmp_path: Path) -> None
         os.utime(stray, (an_hour_ago, an_hour_ago))
 
         reopened = Outbox(folder, 100, 10**6)
-        await reopened.open()
+        with caplog.at_level(logging.INFO, "rottenbot_inference.storage"):
+            await reopened.open()
         assert [e.uid for e in reopened.entries()] == [kept.uid]
         assert (await reopened.load_images([kept.uid])) == {kept.uid: b"kept"}
         assert not stray.exists() and fresh.exists()
+        assert caplog.messages == [
+            "outbox: forgot 1 items drained before the last stop",
+            "outbox: removed 1 image files of saves never committed",
+            f"outbox {reopened.path}: resuming 1 pending saves",
+        ]
         await reopened.close()
 
     asyncio.run(scenario())
