@@ -176,7 +176,7 @@ def convert(model: Path, cache_dir: Path | None) -> None:
         click.echo(f"{path} is ONNX already: nothing to convert")
         return
     target = cache_dir or path.parent / BUNDLED_CACHE_NAME
-    settings = Settings(model_cache_dir=target, model_runtime="onnxruntime")
+    settings = Settings(model_cache_dir=target, model_runtime="onnxruntime", model_precision="auto")
     _configure_logging(settings.model_copy(update={"log_level": "warning"}))
     try:
         outcome = ModelLoader(settings).convert(path)

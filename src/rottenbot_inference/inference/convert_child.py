@@ -128,6 +128,7 @@ def main(argv: list[str]) -> int:
         inference_threads=args.threads,
         verify_tolerance=args.tolerance,
         model_runtime="onnxruntime",  # an unfaithful conversion is an error here
+        model_precision="auto",  # whatever MODEL_PRECISION the server has (bf16 needs OpenVINO)
     )
     try:
         ModelLoader(settings).convert(args.model)
