@@ -664,6 +664,106 @@ def test_a_full_volume_during_a_write_releases_the_ballast_and_the_save_succeeds
     run(scenario())
 
 
+def test_a_writer_that_dies_fails_what_is_queued_and_refuses_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No request waits forever on a writer thread that is gone: the saves queued when it
+    died fail (503), later ones are refused at once, removals too."""
+    import threading
+
+    from rottenbot_inference.storage import outbox_writer
+
+    gate = threading.Event()
+
+    def connect_fails(path: Path) -> sqlite3.Connection:
+        gate.wait(30)
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(outbox_writer, "connect", connect_fails)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        queued = [asyncio.ensure_future(outbox.add(record(), b"x")) for _ in range(2)]
+        await asyncio.sleep(0)  # both are queued, waiting for the writer
+        with caplog.at_level(logging.ERROR, "rottenbot_inference.storage"):
+            gate.set()
+            for save in queued:
+                with pytest.raises(OutboxError, match="could not store"):
+                    await save
+        assert caplog.messages == ["outbox writer stopped"]
+        with pytest.raises(OutboxError, match="not writable; retry shortly"):
+            await outbox.add(record(), b"x")
+        assert outbox.refused == {"error": 3} and outbox.backlog == 0
+        with pytest.raises(OutboxError, match="not writable"):
+            await outbox.remove([uuid.uuid4()])
+        await outbox.close()
+
+    run(scenario())
+
+
+def test_a_failed_group_commit_is_retried_one_add_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One add the database refuses fails alone; the others of its group commit are stored,
+    and so are the removals that were in the group (at the next transaction)."""
+    import threading
+
+    from rottenbot_inference.storage.outbox_writer import SpoolWriter
+
+    blocker, bad = record(), record()
+    holding, gate = threading.Event(), threading.Event()
+    real_apply = SpoolWriter._apply
+
+    def apply(self, conn, adds, deletes):  # type: ignore[no-untyped-def]
+        if any(op.entry.uid == blocker.uid for op in adds):
+            holding.set()
+            gate.wait(30)  # the writer is busy: what follows queues up into one group
+        if any(op.entry.uid == bad.uid for op in adds):
+            raise sqlite3.IntegrityError("refused")
+        return real_apply(self, conn, adds, deletes)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        drained = record()
+        await outbox.add(drained, b"d")
+        monkeypatch.setattr(SpoolWriter, "_apply", apply)
+        good = [record() for _ in range(3)]
+        first = asyncio.ensure_future(outbox.add(blocker, b"x"))
+        assert await asyncio.to_thread(holding.wait, 30)  # the writer holds its commit
+        group = asyncio.gather(
+            outbox.remove([drained.uid]),
+            *(outbox.add(r, b"g") for r in good[:2]),
+            outbox.add(bad, b"b"),
+            outbox.add(good[2], b"g"),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0)  # all five queued behind it
+        with caplog.at_level(logging.WARNING, "rottenbot_inference.storage"):
+            gate.set()
+            await first
+            results = await group
+        assert [type(result) for result in results] == [
+            type(None),
+            type(None),
+            type(None),
+            OutboxError,
+            type(None),
+        ]
+        assert outbox.transactions == 5  # drained, blocker, then each good add alone
+        assert [e.uid for e in outbox.entries()] == [blocker.uid] + [r.uid for r in good]
+        assert not (tmp_path / "outbox" / "images" / str(bad.uid)).exists()
+        assert caplog.messages == ["outbox: group commit of 4 adds, 1 deletes failed: refused"]
+        await outbox.add(record(), b"next")  # the next transaction deletes `drained`
+        await outbox.close()
+        with sqlite3.connect(outbox.path) as conn:
+            uids = {uuid.UUID(uid) for (uid,) in conn.execute("SELECT uid FROM items")}
+        assert drained.uid not in uids and len(uids) == 5
+
+    run(scenario())
+
+
 def test_group_commits_cap_their_image_volume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
