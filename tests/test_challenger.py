@@ -8,6 +8,8 @@ subset. One real `mlflow server` serves the module. No timing assertions: waits 
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import json
 import threading
 import uuid
@@ -19,13 +21,17 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
 
 from rottenbot_inference.app import create_app
-from rottenbot_inference.inference.agreement import wilson_interval
+from rottenbot_inference.inference.agreement import ComparisonRecord, Summary, wilson_interval
 from rottenbot_inference.inference.images import ImagePreprocessor
 from rottenbot_inference.inference.runtime import OnnxRuntime
 from rottenbot_inference.inference.shadow import QUEUE_SIZE
 from rottenbot_inference.settings import Settings
+from rottenbot_inference.storage.comparisons import ComparisonRepository
+from rottenbot_inference.storage.db import PredictionRepository, create_engine, migrate
+from rottenbot_inference.storage.records import FeedbackRecord, PredictionRecord
 from tests.helpers import (
     CLASS_COUNT,
     TEST_SECRET,
@@ -36,7 +42,8 @@ from tests.helpers import (
     require_import,
 )
 from tests.servers_mlflow import MlflowServer, log_model, metric_value, set_alias
-from tests.servers_storage import PREDICTIONS, poll
+from tests.servers_storage import PREDICTIONS, PostgresServer, poll
+from tests.servers_storage import postgres_fixture as postgres_fixture  # registers `postgres`
 from tests.test_overload import Server
 from tests.test_telemetry import (
     _LABEL,
@@ -237,6 +244,69 @@ def test_a_challenger_that_cannot_load_leaves_the_champion_serving(
     body = comparison(client)
     assert body["challenger"]["loaded"] is False and body["samples"] == 0
     assert body["challenger"]["shadow"]["skipped"] == {"not_loaded": 1}
+
+
+def comparison_record(
+    champion: int, challenger: int, prediction_uid: uuid.UUID | None = None
+) -> ComparisonRecord:
+    return ComparisonRecord(
+        uid=uuid.uuid4(),
+        created_at=dt.datetime.now(dt.UTC),
+        champion_version="1",
+        challenger_version="2",
+        champion_class=champion,
+        champion_class_name=NAMES[str(champion)],
+        champion_confidence=0.5,
+        challenger_class=challenger,
+        challenger_class_name=NAMES[str(challenger)],
+        challenger_confidence=0.75,
+        challenger_ms=4.0,
+        prediction_uid=prediction_uid,
+    )
+
+
+def test_the_summary_on_postgresql_joins_feedback(postgres: PostgresServer) -> None:
+    """The SQL the comparison endpoint runs, on PostgreSQL (the app tests use SQLite)."""
+    url = make_url(postgres.url(postgres.create_database("shadow")))
+    user, saved = uuid.uuid4(), [uuid.uuid4(), uuid.uuid4()]
+    now = dt.datetime.now(dt.UTC)
+
+    async def scenario() -> Summary:
+        await migrate(url)
+        engine = create_engine(url)
+        try:
+            predictions = PredictionRepository(engine)
+            await predictions.insert_many(
+                [
+                    PredictionRecord(uid, user, now, f"{user}/{uid}.jpg", 2, NAMES["2"], 0.5)
+                    for uid in saved
+                ]
+            )
+            for uid, right in zip(saved, ("3", "2"), strict=True):
+                await predictions.set_feedback(
+                    FeedbackRecord(uid, user, int(right), NAMES[right], "1", right == "2", now)
+                )
+            repository = ComparisonRepository(engine)
+            await repository.insert_many(
+                [
+                    comparison_record(2, 3, saved[0]),
+                    comparison_record(2, 3, saved[1]),
+                    comparison_record(0, 0),
+                    comparison_record(1, 1),
+                    comparison_record(1, 0),
+                ]
+            )
+            return await repository.summary("1", "2")
+        finally:
+            await engine.dispose()
+
+    summary = asyncio.run(scenario()).as_dict()
+    assert (summary["samples"], summary["agreed"]) == (5, 2)
+    assert summary["mean_confidence_delta"] == pytest.approx(0.25)
+    assert summary["confusion"][0] == {"champion": NAMES["2"], "challenger": NAMES["3"], "count": 2}
+    assert summary["feedback"]["count"] == 2
+    assert summary["feedback"]["champion_accuracy"] == 0.5  # right on the second only
+    assert summary["feedback"]["challenger_accuracy"] == 0.5  # right on the first only
 
 
 # -- overload ---------------------------------------------------------------------------------
