@@ -523,6 +523,58 @@ def test_spool_files_write_fsync_read_unlink_and_forget_orphans(tmp_path: Path) 
     files.close()
 
 
+def test_a_write_whose_fsync_fails_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose fsync fails is an error and is removed (never named by a row); a folder
+    fsync that fails fails every file written with it (their names may not be durable)."""
+    from rottenbot_inference.storage import outbox_disk
+
+    files = SpoolFiles(tmp_path / "images")
+    files.open()
+    real_fsync = os.fsync
+    failing: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if failing:
+            raise OSError(failing[0], "fsync failed")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    failing.append(errno.EIO)
+    uid = uuid.uuid4()
+    (result,) = files.write_many([(uid, b"lost")])
+    assert isinstance(result, OSError) and result.errno == errno.EIO
+    assert not files.exists(uid)
+    failing.clear()
+
+    def folder_fails(folder: Path) -> None:
+        raise OSError(errno.EIO, "folder fsync failed")
+
+    monkeypatch.setattr(outbox_disk, "fsync_dir", folder_fails)
+    blocked = tmp_path / "images" / str(uuid.uuid4())
+    blocked.mkdir()  # this write fails on its own
+    results = files.write_many([(uuid.uuid4(), b"a"), (uuid.UUID(blocked.name), b"b")])
+    assert [type(r) for r in results] == [OSError, IsADirectoryError]
+    assert str(results[0]) == "[Errno 5] folder fsync failed"
+    files.close()
+
+
+def test_the_budget_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save (or the ballast) may use the free space down to the reserve, not a byte more."""
+    monkeypatch.setattr(DiskBudget, "usage", lambda self: (10_000, 100_000))
+    budget = DiskBudget(tmp_path, min_free_bytes=1000, min_free_percent=0, ballast_bytes=0)
+    assert budget.room_for(9000) and not budget.room_for(9001)
+    assert budget.room_for(8000, pending=1000) and not budget.room_for(8001, pending=1000)
+    assert DiskBudget(tmp_path, 1000, 5, 0).reserve_bytes(100_000) == 5000
+    assert DiskBudget(tmp_path, 1000, 0.5, 0).reserve_bytes(100_000) == 1000  # the larger
+    fits = DiskBudget(tmp_path, 1000, 0, ballast_bytes=9000)
+    assert fits.ensure_ballast() is True and fits.ballast_path.stat().st_size == 9000
+    fits.ballast_path.unlink()
+    assert DiskBudget(tmp_path, 1001, 0, ballast_bytes=9000).ensure_ballast() is False
+    assert not fits.ballast_present
+
+
 def test_the_budget_keeps_the_larger_reserve_and_counts_pending_writes(tmp_path: Path) -> None:
     budget = DiskBudget(tmp_path, min_free_bytes=1000, min_free_percent=0, ballast_bytes=0)
     free, total = budget.usage()
