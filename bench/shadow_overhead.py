@@ -17,7 +17,8 @@ work over the whole bench (scored, skipped by reason, from /metrics) and both pr
 
 The issue's bound: B/A goodput >= 0.95 and B/A p99 <= 1.05 at both loads. Run it on a quiet
 machine; `--smoke` does one short round (seconds) to check that the script works. `--rss-only`
-reports both processes' RSS at ready and after --duration s of closed-loop load instead.
+reports both processes' RSS at ready, after --duration s of closed-loop load, and their peak
+(VmHWM) instead.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_mb(pid: int) -> float:
+    """The process's peak RSS so far (VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
 def wait_for_challenger(base_url: str, timeout_s: float = 900) -> None:
     """Until B's challenger is loaded (it loads in the background after readiness)."""
     deadline = time.monotonic() + timeout_s
@@ -97,6 +106,7 @@ def measure_rss(
         wait_for_empty_outbox(url)
         time.sleep(3)  # B: let the shadow queue drain
         rss[name]["after_load"] = round(rss_mb(services[name].process.pid), 1)
+        rss[name]["peak"] = round(peak_mb(services[name].process.pid), 1)
     return {"rss_mb": rss, "shadow": shadow_counts(urls["B"]), "summary": {}}
 
 
