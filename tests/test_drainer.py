@@ -257,7 +257,11 @@ def test_a_failing_store_is_probed_one_item_at_a_time_and_logged_once(
                 m for m in caplog.messages if "not stored yet" in m and "retrying with backoff" in m
             ]
             assert len(warnings) == 1  # once per change of state, not once per attempt
-            assert sum("reachable again" in m for m in caplog.messages) == 1
+            recovered = [m for m in caplog.messages if "reachable again" in m]
+            assert len(recovered) == 1
+            assert recovered[0].startswith(
+                "drainer: storage reachable again after image_store_unreachable; "
+            )
             assert r.drainer.healthy
 
     asyncio.run(scenario())
@@ -401,6 +405,22 @@ def test_an_outbox_that_fails_to_read_or_remove_is_retried(tmp_path: Path) -> No
             assert r.drainer.failures_by_reason == {"outbox_error": 2}
             assert r.stored() == set(uids) and r.outbox.backlog == 0
             assert r.drainer.healthy and r.drainer.last_error == "outbox_error: ?"
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_that_partly_failed_does_not_end_the_backoff(tmp_path: Path) -> None:
+    """Only a batch that fully succeeded ends an outage: one whose uploads partly failed
+    drains the rest but keeps the drainer backing off (unhealthy)."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, retry_base_s=60, retry_max_s=60) as r:
+            await r.drainer.stop(0)  # drive `_drain` by hand
+            uids = await r.add(4)
+            r.store.refuse_keys = {r.outbox.get(uids[1]).record.image_path}  # type: ignore[union-attr]
+            await r.drainer._drain(list(r.outbox.entries()))
+            assert r.drainer.drained == 3 and r.outbox.backlog == 1
+            assert not r.drainer.healthy and r.drainer._resume_at > 0
 
     asyncio.run(scenario())
 
