@@ -430,7 +430,9 @@ def test_index_properties_and_listeners(tmp_path: Path) -> None:
         await outbox.add(record(), b"123")
         assert woken == [1, 1]
         assert outbox.backlog == 2 and outbox.backlog_bytes == 8 and outbox.transactions == 2
-        outbox.get(old.uid).enqueued_at -= 30  # type: ignore[union-attr]
+        outbox.get(old.uid).enqueued_at = time.time() + 3600  # the clock was set back
+        assert outbox.oldest_age_s == 0.0  # never a negative age
+        outbox.get(old.uid).enqueued_at = time.time() - 30
         assert 29 < outbox.oldest_age_s < 60
         outbox.get(old.uid).parked = True  # type: ignore[union-attr]
         assert outbox.parked == 1
@@ -812,6 +814,49 @@ def test_a_failed_group_commit_is_retried_one_add_at_a_time(
         with sqlite3.connect(outbox.path) as conn:
             uids = {uuid.UUID(uid) for (uid,) in conn.execute("SELECT uid FROM items")}
         assert drained.uid not in uids and len(uids) == 5
+
+    run(scenario())
+
+
+def test_the_free_space_check_counts_bytes_still_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent saves cannot overshoot the volume's reserve: each is checked against the
+    free space less the image bytes accepted but not yet on disk."""
+    import threading
+
+    from rottenbot_inference.storage.outbox_writer import SpoolWriter
+
+    checks: list[tuple[int, int]] = []
+    real_room_for = DiskBudget.room_for
+
+    def room_for(self, size, pending=0):  # type: ignore[no-untyped-def]
+        checks.append((size, pending))
+        return real_room_for(self, size, pending)
+
+    monkeypatch.setattr(DiskBudget, "room_for", room_for)
+    holding, gate = threading.Event(), threading.Event()
+    real_commit = SpoolWriter._commit
+
+    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
+        holding.set()
+        gate.wait(30)
+        return real_commit(self, conn, batch)
+
+    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        first = asyncio.ensure_future(outbox.add(record(), b"a" * 100))
+        assert await asyncio.to_thread(holding.wait, 30)
+        second = asyncio.ensure_future(outbox.add(record(), b"b" * 10))
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(first, second)
+        await outbox.add(record(), b"c")
+        assert checks == [(100, 0), (10, 100), (1, 0)]  # all written: nothing pending
+        await outbox.close()
 
     run(scenario())
 
