@@ -6,7 +6,7 @@
 Each thread's CPU time over the run comes from /proc; py-spy's samples of that thread split its
 time into stages by the innermost frame that names one (model, decode,
 multipart, auth, outbox, upload, database, telemetry, logging, HTTP/framework). Prints a table of
-CPU ms per answered request per stage (and --json writes it). Needs `py-spy` on PATH (or
+CPU ms per answered request per stage (and --json writes it). Needs py-spy (the test extra) or
 `--py-spy`) and the right to attach to the process (root, or ptrace_scope 0).
 """
 
@@ -141,7 +141,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30)
     parser.add_argument("--save-fraction", type=float, default=0.5)
     parser.add_argument("--sample-rate", type=int, default=97)
-    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    parser.add_argument(
+        "--py-spy",
+        default=shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        or shutil.which("py-spy")
+        or "py-spy",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:

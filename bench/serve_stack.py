@@ -2,7 +2,7 @@
 
     python bench/serve_stack.py --model /tmp/prod --port 8200
 
-Starts PostgreSQL, the moto S3 server and redis-server on loopback (as bench/sweep.py does),
+Starts PostgreSQL, an S3 stand-in (rclone, or --s3 moto) and redis-server on loopback (as sweep.py),
 then the service configured for them on the given port, and prints the JWT secret to use
 with the load scripts (`JWT_SECRET=... python bench/soak.py --url ...`). Ctrl-C (or SIGTERM)
 stops everything.
@@ -31,11 +31,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--s3", choices=["rclone", "moto"], default="rclone")
     args = parser.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="serve-stack-") as temp:
-        stack = Stack(Path(temp), args.model)
+        stack = Stack(Path(temp), args.model, args.s3)
         try:
             service = stack.service("service")
             url = service.start(port=args.port)

@@ -244,6 +244,44 @@ class MotoS3Server:
         }
 
 
+class RcloneS3Server(MotoS3Server):
+    """rclone's S3 server (`rclone serve s3`, Go, a folder behind it) on a free loopback port.
+
+    The benchmarks' S3 stand-in: it costs about what MinIO (also Go) costs per upload, a third
+    of moto's CPU, so the serving machine's figures are not a Python mock's. Tests use moto.
+    """
+
+    def __init__(self, log_path: Path) -> None:
+        super().__init__(log_path)
+        self.root = log_path.parent / f"rclone-s3-{self.port}"
+
+    def start(self, timeout_s: float = 60) -> None:
+        binary = shutil.which("rclone", path=str(Path(sys.executable).parent)) or "rclone"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [binary, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key",
+                 f"{self.access_key},{self.secret_key}", "--force-path-style=true",
+                 str(self.root)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        _wait(lambda: self._up(), timeout_s, "rclone S3 server did not start")
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"rclone exited with {self.process.returncode}")
+        return _port_open(self.port)
+
+
+def start_s3(log_path: Path, kind: str = "moto") -> MotoS3Server:
+    """An S3 stand-in: "moto" (the tests') or "rclone" (the benchmarks')."""
+    if kind == "moto":
+        return start_moto(log_path)
+    server = RcloneS3Server(log_path)
+    server.start()
+    return server
+
+
 def start_moto(log_path: Path) -> MotoS3Server:
     try:
         import moto.server  # noqa: F401
