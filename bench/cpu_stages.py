@@ -6,7 +6,7 @@
 Each thread's CPU time over the run comes from /proc; py-spy's samples of that thread split its
 time into stages by the innermost frame that names one (model, decode,
 multipart, auth, outbox, upload, database, telemetry, logging, HTTP/framework). Prints a table of
-CPU ms per answered request per stage (and --json writes it). Needs py-spy (the test extra) or
+CPU ms per answered request per stage (and --json writes it). Needs py-spy (the test extra, or
 `--py-spy`) and the right to attach to the process (root, or ptrace_scope 0).
 """
 
