@@ -203,10 +203,10 @@ async def rig(tmp_path: Path, **drainer_options: float) -> AsyncIterator[Rig]:
     executor = ThreadPoolExecutor(4, thread_name_prefix="drainer-test")
     options = {"batch_size": 4, "retry_base_s": 0.01, "retry_max_s": 0.05, **drainer_options}
     drainer = Drainer(outbox, executor, **options)  # type: ignore[arg-type]
-    with pytest.raises(RuntimeError, match="^Drainer.start before attach$"):
+    with pytest.raises(RuntimeError, match=r"^Drainer\.start before attach$"):
         drainer.start()  # not before attach
     drainer.images = store  # half attached is not attached
-    with pytest.raises(RuntimeError, match="^Drainer.start before attach$"):
+    with pytest.raises(RuntimeError, match=r"^Drainer\.start before attach$"):
         drainer.start()
     drainer.attach(store, repository)
     drainer.start()
