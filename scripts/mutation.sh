@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the modules that carry the service's promises (token verification, the
-# revocation check, admission control), each against its fast tests; results in
-# docs/testing.md. Not part of every CI run: a fresh run takes minutes.
+# revocation check, admission control, the durable outbox and its drainer), each against its
+# fast tests; results in docs/testing.md. Not part of every CI run: a fresh run of all ~2,100
+# mutants takes an hour or more on a shared 2-core machine.
 #
 #   bash scripts/mutation.sh            # fresh run, 2 workers, fails below 85 % per module
 #   MUTATION_JOBS=4 MUTATION_MIN_SCORE=90 bash scripts/mutation.sh
