@@ -210,6 +210,7 @@ async def rig(tmp_path: Path, **drainer_options: float) -> AsyncIterator[Rig]:
         drainer.start()
     drainer.attach(store, repository)
     drainer.start()
+    assert drainer._task is not None and drainer._task.get_name() == "outbox-drainer"
     try:
         yield Rig(outbox, store, repository, drainer, database)
     finally:
