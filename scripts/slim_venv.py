@@ -3,8 +3,9 @@
 Run by the Dockerfile's `slim` stage (`python slim_venv.py --strip /opt/venv`); prints the size of
 each package before and after. It removes installers (pip, setuptools), test suites, type stubs,
 C headers and Cython sources, onnxruntime's model tools and its C-API library (Python loads only
-the pybind module), numpy's f2py, every botocore service description but S3's, and all of
-OpenVINO but its CPU plugin and its ONNX (and IR) frontends. `--strip` removes symbol tables and
+the pybind module), numpy's f2py, every botocore service description but S3's, all of OpenVINO
+but its CPU plugin and its ONNX (and IR) frontends, and Pillow's codecs for formats the service
+never reads or writes. `--strip` removes symbol tables and
 debug information from extension modules (`strip --strip-unneeded`; libraries that auditwheel
 grafted into `*.libs/` are left alone: they come stripped, and patchelf rewrote them). Then it
 compiles bytecode only for what the service imports - its own package, everything its modules
@@ -27,6 +28,8 @@ from pathlib import Path
 # OpenVINO frontends (model formats) the service never reads: it hands OpenVINO ONNX files.
 OPENVINO_FRONTENDS_CUT = ("tensorflow", "tensorflow_lite", "pytorch", "paddle", "jax", "gguf")
 OPENVINO_PLUGINS_CUT = ("intel_gpu", "intel_npu", "auto", "auto_batch", "hetero")
+PILLOW_LIBS_CUT = ("libavif", "libwebp", "libwebpmux", "libwebpdemux", "libsharpyuv",
+                   "libfreetype", "libharfbuzz", "libbrotlicommon", "libbrotlidec", "libpng16")
 # Relative to site-packages; globs.
 CUT = (
     "pip", "pip-*.dist-info", "setuptools", "setuptools-*.dist-info", "pkg_resources",
@@ -45,6 +48,11 @@ CUT = (
     *(f"openvino/libs/libopenvino_{name}_frontend.so*" for name in OPENVINO_FRONTENDS_CUT),
     *(f"openvino/frontend/{name}" for name in OPENVINO_FRONTENDS_CUT),
     "openvino/include", "openvino/cmake", "openvino/tools", "openvino/torch",
+    # Pillow decodes only what sniffing let through (JPEG, PNG) and encodes PNG: its AVIF and
+    # WebP codecs, font rendering (FreeType, HarfBuzz, Brotli, the libpng FreeType uses) and Tk
+    # glue go. Its plugins for them report the codec missing instead (features.check).
+    "PIL/_avif.*", "PIL/_webp.*", "PIL/_imagingft.*", "PIL/_imagingtk.*",
+    *(f"pillow.libs/{name}-*" for name in PILLOW_LIBS_CUT),
 )
 # botocore/data/<service>/: only these services are kept (the files at data/'s top stay).
 BOTOCORE_SERVICES = frozenset({"s3"})
@@ -91,6 +99,14 @@ for path in models:
     spec = session.get_inputs()[0]
     shape = [dim if isinstance(dim, int) else 1 for dim in spec.shape]
     session.run(None, {spec.name: np.zeros(shape, np.float32)})
+import io
+from PIL import Image
+from rottenbot_inference.inference.images import ImagePreprocessor
+prepare = ImagePreprocessor((32, 32), 10**6).prepare
+for kind in ("JPEG", "PNG"):  # the image pipeline on what Pillow has left
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(buffer, kind)
+    assert prepare(buffer.getvalue()).pixels.shape == (32, 32, 3)
 import openvino
 core = openvino.Core()
 assert core.available_devices == ["CPU"], core.available_devices
