@@ -37,7 +37,13 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_once(env: dict[str, str]) -> tuple[float, float]:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used (steadier than wall time on a busy host)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_once(env: dict[str, str]) -> tuple[float, float, float]:
     port = free_port()
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -50,7 +56,8 @@ def start_once(env: dict[str, str]) -> tuple[float, float]:
                 raise SystemExit(f"server exited with {process.returncode}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
-                    return time.perf_counter() - started, rss_mb(process.pid)
+                    elapsed = time.perf_counter() - started
+                    return elapsed, rss_mb(process.pid), cpu_s(process.pid)
             except httpx.HTTPError:
                 pass
             time.sleep(0.02)
@@ -75,18 +82,19 @@ def main() -> None:
             env["MODEL_RUNTIME"] = args.runtime
         cache = Path(os.environ.get("MODEL_CACHE_DIR") or Path(data_dir) / "model-cache")
 
-        def start() -> tuple[float, float]:
+        def start() -> tuple[float, float, float]:
             if args.no_openvino_cache:
                 shutil.rmtree(cache / "openvino", ignore_errors=True)
             return start_once(env)
 
-        first, _ = start()
+        first, _, _ = start()
         print(f"first start (fills the conversion cache if needed): {first:.2f} s")
         runs = [start() for _ in range(args.runs)]
-        times = [t for t, _ in runs]
+        times = [t for t, _, _ in runs]
         print(f"cold start to ready, cached: median {statistics.median(times):.2f} s "
               f"(runs: {', '.join(f'{t:.2f}' for t in times)}); RSS at ready "
-              f"{statistics.median(r for _, r in runs):.0f} MB")
+              f"{statistics.median(r for _, r, _ in runs):.0f} MB; CPU used by then "
+              f"{statistics.median(c for _, _, c in runs):.2f} s")
 
 
 if __name__ == "__main__":
