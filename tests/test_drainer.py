@@ -451,14 +451,20 @@ def test_a_rejected_batch_returns_every_row_stored_one_by_one(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
-def test_stop_drains_within_the_grace_period_and_leaves_the_rest(tmp_path: Path) -> None:
+def test_stop_drains_within_the_grace_period_and_leaves_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def scenario() -> None:
         async with rig(tmp_path) as r:
             r.store.fail_first = 10**6
             await r.add(3)
             await r.until(lambda: r.drainer.failures >= 1)
-            await r.drainer.stop(0.2)
+            with caplog.at_level(logging.WARNING, "rottenbot_inference.storage.drainer"):
+                await r.drainer.stop(0.2)
             assert r.drainer.closing and r.outbox.backlog == 3  # kept for the next start
+            assert caplog.messages[-1] == (
+                "stopping with 3 saves still in the outbox; they are drained at the next start"
+            )
         async with rig(tmp_path) as r:
             await r.until(lambda: r.outbox.backlog == 0)  # resumed and drained
             assert len(r.stored()) == 3
@@ -478,6 +484,61 @@ def test_stop_keeps_draining_what_is_due_then_returns(tmp_path: Path) -> None:
             assert r.outbox.backlog == 0 and len(r.stored()) == 6
 
     asyncio.run(scenario())
+
+
+def test_stop_waits_for_a_retry_due_within_the_grace_period(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(tmp_path, retry_base_s=1, retry_max_s=1) as r:
+            r.store.fail_first = 1
+            await r.add(2)
+            await r.until(lambda: r.drainer.failures >= 1)
+            await r.drainer.stop(30)  # the retry is due within 1 s: worth waiting for
+            assert r.outbox.backlog == 0 and len(r.stored()) == 2
+        never_started = Drainer(r.outbox, ThreadPoolExecutor(1))
+        await never_started.stop(1)  # nothing to stop
+        assert not never_started.closing
+
+    asyncio.run(scenario())
+
+
+def test_an_unexpected_error_is_logged_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a drain (not an outage) does not end the drainer: it is logged with its
+    traceback, counted as "unexpected", and the items are retried."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            real_insert = r.drainer._insert
+            bugs = [TypeError("a bug")]
+
+            async def insert(entries):  # type: ignore[no-untyped-def]
+                if bugs:
+                    raise bugs.pop()
+                return await real_insert(entries)
+
+            r.drainer._insert = insert  # type: ignore[method-assign]
+            with caplog.at_level(logging.ERROR, "rottenbot_inference.storage.drainer"):
+                await r.add(1)
+                await r.until(lambda: r.drainer.drained == 1)
+            assert r.drainer.failures_by_reason == {"unexpected": 1}
+            assert r.drainer.last_error == "unexpected: a bug"
+            (logged,) = [x for x in caplog.records if x.levelno == logging.ERROR]
+            assert logged.getMessage() == "drainer: unexpected error" and logged.exc_info
+
+    asyncio.run(scenario())
+
+
+def test_due_takes_the_oldest_free_items_up_to_the_limit(tmp_path: Path) -> None:
+    drainer = Drainer(Outbox(tmp_path, 10, 10), ThreadPoolExecutor(1))
+    entries = [Entry(record(), 1, 0.0, due=due) for due in (50.0, 100.0, 30.0, 150.0, 120.0)]
+    entries[2].claim()  # busy (a delete, or a drain): not offered
+    drainer.outbox._index = {e.uid: e for e in entries}
+    assert drainer._due(100.0, 5) == (entries[:2], 120.0)  # due <= now; the next at 120
+    assert drainer._due(100.0, 1) == (entries[:1], 100.0)  # more are due now
+    assert drainer._due(10.0, 5) == ([], 50.0)
+    entries[2].release()
+    assert drainer._due(40.0, 5) == ([entries[2]], 50.0)
 
 
 def test_cut_short_abandons_the_grace_period(tmp_path: Path) -> None:
