@@ -248,13 +248,20 @@ def test_a_failing_store_is_probed_one_item_at_a_time_and_logged_once(
     async def scenario() -> None:
         async with rig(tmp_path, retry_base_s=0.005, retry_max_s=0.01) as r:
             r.store.fail_first = 10**6
+            attempts: list[int] = []  # items per failed attempt
+            real_failed = r.drainer._failed
+
+            def failed(entries, failure):  # type: ignore[no-untyped-def]
+                attempts.append(len(entries))
+                real_failed(entries, failure)
+
+            r.drainer._failed = failed  # type: ignore[method-assign]
             with caplog.at_level(logging.DEBUG, "rottenbot_inference.storage.drainer"):
                 await r.add(12)
                 await r.until(lambda: r.store.calls >= 20)
                 assert not r.drainer.healthy
-                calls = r.store.calls
                 # While failing, each attempt is a single item (probing), not a batch of 4.
-                assert r.drainer.failures <= calls + 4
+                assert len(attempts) > 5 and set(attempts[1:]) == {1}
                 r.store.fail_first = 0
                 await r.until(lambda: r.outbox.backlog == 0 and r.drainer.healthy)
             warnings = [
@@ -497,6 +504,30 @@ def test_stop_waits_for_a_retry_due_within_the_grace_period(tmp_path: Path) -> N
         never_started = Drainer(r.outbox, ThreadPoolExecutor(1))
         await never_started.stop(1)  # nothing to stop
         assert not never_started.closing
+
+    asyncio.run(scenario())
+
+
+def test_stop_gives_up_on_a_hung_upload_after_the_grace_period(tmp_path: Path) -> None:
+    """An upload that never returns does not hold up the shutdown beyond its grace period;
+    the item stays in the outbox."""
+    hung = threading.Event()
+
+    class HungStore(FlakyStore):
+        def put(self, key: str, data: bytes, content_type: str) -> None:
+            hung.wait(60)
+
+    async def scenario() -> None:
+        async with rig(tmp_path) as r:
+            r.drainer.images = HungStore(tmp_path / "hung")
+            try:
+                await r.add(1)
+                await asyncio.sleep(0.1)  # the upload has started
+                # Only a hang reaches this bound: stop returns after its 0.2 s grace.
+                await asyncio.wait_for(r.drainer.stop(0.2), 10)
+                assert r.outbox.backlog == 1
+            finally:
+                hung.set()
 
     asyncio.run(scenario())
 
