@@ -226,8 +226,11 @@ def test_no_challenger_no_cost(
     predict(client, photos(1)[0])
     assert client.app.state.rottenbot.challenger is None  # type: ignore[attr-defined]
     assert "shadow" not in {thread.name for thread in threading.enumerate()}
-    response = client.get(COMPARISON, headers=ADMIN)
-    assert response.status_code == 404 and "CHALLENGER_URI" in response.json()["detail"]
+    for response in (
+        client.get(COMPARISON, headers=ADMIN),
+        client.post("/api/v1/admin/challenger/reload", headers=ADMIN),
+    ):
+        assert response.status_code == 404 and "CHALLENGER_URI" in response.json()["detail"]
     assert client.get(COMPARISON).status_code == 401  # the admin key guards it
 
 
@@ -244,6 +247,10 @@ def test_a_challenger_that_cannot_load_leaves_the_champion_serving(
     body = comparison(client)
     assert body["challenger"]["loaded"] is False and body["samples"] == 0
     assert body["challenger"]["shadow"]["skipped"] == {"not_loaded": 1}
+    # A reload request retries the refused version: refused again (409), the champion serves on.
+    retried = client.post("/api/v1/admin/challenger/reload", headers=ADMIN)
+    assert retried.status_code == 409 and retried.json()["outcome"] == "failed", retried.text
+    assert client.post("/api/v1/admin/challenger/reload").status_code == 401
 
 
 def comparison_record(

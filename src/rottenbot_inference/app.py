@@ -12,7 +12,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from rottenbot_inference import __version__
-from rottenbot_inference.api import admin, comparison, explain, health, model, predict, predictions
+from rottenbot_inference.api import (
+    admin,
+    challenger_admin,
+    comparison,
+    explain,
+    health,
+    model,
+    predict,
+    predictions,
+)
 from rottenbot_inference.api.admission import PREDICT_PATH, AdmissionMiddleware
 from rottenbot_inference.api.disconnect import CancelOnDisconnect
 from rottenbot_inference.api.docs import DOCS_CSP, install_docs
@@ -190,6 +199,7 @@ def create_app(
     if settings.admin_api_key is not None:  # unset: the admin endpoints do not exist (404)
         app.include_router(admin.router)
         app.include_router(comparison.router)
+        app.include_router(challenger_admin.router)
     app.include_router(telemetry_metrics.router)
     return app
 
