@@ -223,20 +223,36 @@ def test_openvino_behind_a_real_server(
         **process_env(converted_tiny_model, shared_cache, tmp_path / "data"),
         "MODEL_RUNTIME": "openvino",
         "MAX_BATCH_SIZE": "4",
+        "ADMIN_API_KEY": "runtime-select-admin-key",
     }
-    with running_server(env, tmp_path / "server.log") as base_url:
+    photo = jpeg_bytes(random_photo())
+
+    def predict(base_url: str) -> dict[str, Any]:
         response = httpx.post(
             f"{base_url}/api/v1/inference/predict?save_prediction=False",
-            files={"file": ("a.jpg", jpeg_bytes(random_photo()), "image/jpeg")},
+            files={"file": ("a.jpg", photo, "image/jpeg")},
             headers=auth(),
             timeout=60,
         )
         assert response.status_code == 200, response.text
-        info = httpx.get(f"{base_url}/api/v1/inference/model", headers=auth()).json()
-        metrics = httpx.get(f"{base_url}/metrics").text
+        return response.json()
+
+    with running_server(env, tmp_path / "server.log") as base_url:
+        first = predict(base_url)
+        # A hot swap builds, checks and installs another OpenVINO model beside the serving one.
+        swapped = httpx.post(
+            f"{base_url}/api/v1/admin/reload?reinstall=true",
+            headers={"X-Admin-Key": env["ADMIN_API_KEY"]},
+            timeout=120,
+        )
+        assert swapped.status_code == 200 and swapped.json()["outcome"] == "swapped"
+        assert predict(base_url)["predicted_class"] == first["predicted_class"]
+        info = httpx.get(f"{base_url}/api/v1/inference/model", headers=auth(), timeout=30).json()
+        metrics = httpx.get(f"{base_url}/metrics", timeout=30).text
     runtime = info["runtime"]
     assert runtime["name"] == "openvino" and runtime["agreement"]["passed"]
     assert runtime["precision"] in ("fp32", "bf16") and runtime["fallback"] is None
     assert runtime["batch_shapes"] == [1]
+    assert info["reload"]["counts"]["swapped"] == 2  # the start and the admin reload
     line = next(row for row in metrics.splitlines() if row.startswith("inference_model_runtime"))
     assert 'runtime="openvino"' in line and f'precision="{runtime["precision"]}"' in line
