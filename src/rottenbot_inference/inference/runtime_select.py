@@ -119,7 +119,7 @@ class Selected:
 def build_runtime(settings: Settings, onnx: Path, threads: int) -> Selected:
     """The runtime that serves `onnx` under MODEL_RUNTIME / MODEL_PRECISION (module docstring)."""
     reference = OnnxRuntime(onnx, threads)
-    reference.report = {"selected_by": f"MODEL_RUNTIME={settings.model_runtime}"}
+    reference.report = {"selected_by": f"MODEL_RUNTIME={settings.model_runtime}", "fallback": None}
     if settings.model_runtime not in ("auto", "openvino"):
         return Selected(reference)
     try:
@@ -152,6 +152,8 @@ def build_runtime(settings: Settings, onnx: Path, threads: int) -> Selected:
         except Exception as exc:
             reason = f"OpenVINO {precision} failed ({type(exc).__name__}: {exc})"
             log.warning("%s", reason)
+            if precision != attempts[-1]:
+                notes.append(reason)
             continue
         forced_bf16 = precision == "bf16" and wanted == "bf16"
         if agreement.ok or forced_bf16:
