@@ -8,8 +8,8 @@ into integers, then a vertical pass as OpenCV's SIMD kernel does it (both rows s
 weights are not clamped at the edges - the clamped row is used twice, as OpenCV does. Float
 input is interpolated in float32 with the same taps.
 
-It replaces OpenCV in the runtime image (OpenCV and its bundled libraries were 159 MB there for
-this one operation; docs/containers.md).
+It replaces OpenCV in the runtime image, where OpenCV and its bundled libraries took 159 MB for
+this and the explanation overlay (docs/containers.md).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ def _taps(source: int, target: int, clamp: bool) -> tuple[np.ndarray, np.ndarray
     if clamp:
         outside = (first < 0) | (first >= source - 1)
         weight[outside] = 0
-        first = np.clip(first, 0, source - 1)
     second = np.clip(first + 1, 0, source - 1)
     return np.clip(first, 0, source - 1), second, weight
 
