@@ -532,6 +532,42 @@ def test_stop_gives_up_on_a_hung_upload_after_the_grace_period(tmp_path: Path) -
     asyncio.run(scenario())
 
 
+def test_the_drainer_sleeps_while_idle_and_wakes_when_the_backoff_ends(tmp_path: Path) -> None:
+    """Nothing due: the loop waits (for an add, or the next item's due time) instead of
+    spinning. Items due during a global backoff are tried once it ends, with no add to wake
+    the drainer."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, park_retry_s=300) as r:
+            turns: list[int] = []
+            real_due = r.drainer._due
+
+            def due(now, limit):  # type: ignore[no-untyped-def]
+                turns.append(1)
+                return real_due(now, limit)
+
+            r.drainer._due = due  # type: ignore[method-assign]
+
+            async def restart() -> None:
+                await r.drainer.stop(0)
+                r.drainer._task = None
+                r.drainer._closing = False
+
+            await restart()
+            (waiting,) = await r.add(1)
+            r.outbox.get(waiting).due = time.monotonic() + 300  # type: ignore[union-attr]
+            r.drainer.start()
+            await asyncio.sleep(0.3)
+            assert 1 <= len(turns) < 20  # a spinning loop turns thousands of times
+            await restart()
+            r.outbox.get(waiting).due = 0.0  # type: ignore[union-attr]
+            r.drainer._resume_at = time.monotonic() + 0.2  # backing off: due, not tried yet
+            r.drainer.start()
+            await r.until(lambda: r.drainer.drained == 1, timeout_s=10)
+
+    asyncio.run(scenario())
+
+
 def test_an_unexpected_error_is_logged_and_retried(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
