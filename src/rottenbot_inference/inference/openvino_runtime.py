@@ -14,9 +14,12 @@ bf16 a bf16 request compiles to f32).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import queue
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +42,23 @@ def core() -> ov.Core:
     global _core
     if _core is None:
         _core = ov.Core()
+        # Cached blobs are read, not mapped: a blob another process is still writing (or one a
+        # crash cut short) then fails to import and is compiled afresh, instead of SIGBUS.
+        _core.set_property({"ENABLE_MMAP": False})
     return _core
+
+
+@contextlib.contextmanager
+def _compile_lock(cache_dir: Path | None) -> Iterator[None]:
+    """Processes sharing a compiled-model cache (workers, replicas on one volume) compile one at
+    a time: OpenVINO writes a cache blob in place, so a second process must not read it half
+    written. The first writes it; the others then import the whole blob."""
+    if cache_dir is None:
+        yield
+        return
+    with (cache_dir / ".compile.lock").open("a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def cpu_capabilities() -> tuple[str, ...]:
@@ -75,7 +94,8 @@ class OpenVinoRuntime:
         if cache_dir is not None:
             config["CACHE_DIR"] = str(cache_dir)
         source.reshape([1, *self.input_shape])
-        self._compiled = compiled = core().compile_model(source, "CPU", config)
+        with _compile_lock(cache_dir):
+            self._compiled = compiled = core().compile_model(source, "CPU", config)
         hint = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.precision = _REPORTED.get(hint, hint)
         self.requested_precision = precision
