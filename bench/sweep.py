@@ -177,7 +177,8 @@ def timed_start(service: ServiceProcess) -> float:
 def run_sweep(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"date": dt.date.today().isoformat(), "model": str(args.model),
                                "cpus": os.cpu_count(), "s3": args.s3,
-                               "target_rate": args.target_rate, "run_s": args.run_s}
+                               "target_rate": args.target_rate,
+                               "run_s": 10 if args.quick else args.run_s}
     short = args.quick
     print("runtime only ...", flush=True)
     runtime_json = folder / "runtime.json"
