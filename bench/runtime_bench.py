@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -37,21 +36,9 @@ def concurrent_streams(model: Path, streams: int, seconds: float) -> float:
     pixels = pixels.astype(np.float32)
     for _ in range(5):
         bundle.predict(pixels)
-    counts = [0] * streams
-    stop = time.perf_counter() + seconds
+    from runtime_compare import streams_rate
 
-    def stream(index: int) -> None:
-        while time.perf_counter() < stop:
-            bundle.predict(pixels)
-            counts[index] += 1
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - started)
+    return streams_rate(bundle, pixels, streams, seconds)
 
 
 def main() -> None:

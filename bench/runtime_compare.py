@@ -45,7 +45,8 @@ def _photos(count: int, size: int) -> np.ndarray:
     return sample_photos(count, size)
 
 
-def _streams_rate(bundle: ModelBundle, pixels: np.ndarray, streams: int, seconds: float) -> float:
+def streams_rate(bundle: ModelBundle, pixels: np.ndarray, streams: int, seconds: float) -> float:
+    """Images/s of `streams` threads calling the bundle back to back for `seconds`."""
     counts = [0] * streams
     stop = time.perf_counter() + seconds
 
@@ -99,7 +100,7 @@ def compare_runtimes(
             for _ in range(max(1, calls // 4)):
                 bundle.predict(four)
             batch4[label].append(4 * max(1, calls // 4) / (time.perf_counter() - started))
-            parallel[label].append(_streams_rate(bundle, one, streams, 1.0))
+            parallel[label].append(streams_rate(bundle, one, streams, 1.0))
     rows = []
     for label, bundle in bundles.items():
         probabilities = bundle.predict(photos)
