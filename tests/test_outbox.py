@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import time
 import uuid
@@ -52,6 +53,11 @@ def record(user: uuid.UUID | None = None, name: str = "Class01__Rotten") -> Pred
         content_type="image/jpeg",
         image_format="jpeg",
     )
+
+
+def exactly(message: str) -> str:
+    """A `pytest.raises(match=...)` pattern for this whole message (the 503's detail)."""
+    return f"^{re.escape(message)}$"
 
 
 def run(coroutine) -> None:  # type: ignore[no-untyped-def]
@@ -297,21 +303,29 @@ def test_refusals_are_counted_by_reason_with_a_clear_message(tmp_path: Path) -> 
         items = Outbox(tmp_path / "items", max_items=1, max_bytes=10**6)
         await items.open()
         await items.add(record(), b"x")
-        with pytest.raises(OutboxFull, match="Too many saved predictions") as full:
+        with pytest.raises(
+            OutboxFull,
+            match=exactly("Too many saved predictions are waiting for storage; retry shortly."),
+        ) as full:
             await items.add(record(), b"x")
         assert full.value.reason == "items" and items.refused == {"items": 1}
         with pytest.raises(OutboxFull):
             await items.add(record(), b"x")
         assert items.refused == {"items": 2}  # each refusal counted (a metric)
         await items.close()
-        with pytest.raises(OutboxClosed, match="shutting down") as closed:
+        with pytest.raises(
+            OutboxClosed, match=exactly("The service is shutting down; retry on another replica.")
+        ) as closed:
             await items.add(record(), b"x")
         assert closed.value.reason == "closed" and items.refused["closed"] == 1
 
         by_bytes = Outbox(tmp_path / "bytes", max_items=10, max_bytes=10)
         await by_bytes.open()
         await by_bytes.add(record(), b"x" * 10)  # exactly at the bound: accepted
-        with pytest.raises(OutboxFull, match="fill the spool") as full:
+        with pytest.raises(
+            OutboxFull,
+            match=exactly("Saved predictions waiting for storage fill the spool; retry shortly."),
+        ) as full:
             await by_bytes.add(record(), b"x")
         assert full.value.reason == "bytes" and by_bytes.refused == {"bytes": 1}
         assert by_bytes.backlog == 1 and by_bytes.backlog_bytes == 10
@@ -319,7 +333,9 @@ def test_refusals_are_counted_by_reason_with_a_clear_message(tmp_path: Path) -> 
 
         reserve = Outbox(tmp_path / "disk", 10, 10**9, min_free_bytes=2**62)
         await reserve.open()
-        with pytest.raises(OutboxFull, match="nearly full") as full:
+        with pytest.raises(
+            OutboxFull, match=exactly("The save spool's volume is nearly full; retry shortly.")
+        ) as full:
             await reserve.add(record(), b"x")
         assert full.value.reason == "disk_reserve" and reserve.refused == {"disk_reserve": 1}
         assert reserve.backlog == 0
@@ -746,10 +762,12 @@ def test_a_writer_that_dies_fails_what_is_queued_and_refuses_the_rest(
                 with pytest.raises(OutboxError, match="could not store"):
                     await save
         assert caplog.messages == ["outbox writer stopped"]
-        with pytest.raises(OutboxError, match="not writable; retry shortly"):
+        with pytest.raises(
+            OutboxError, match=exactly("The save spool is not writable; retry shortly.")
+        ):
             await outbox.add(record(), b"x")
         assert outbox.refused == {"error": 3} and outbox.backlog == 0
-        with pytest.raises(OutboxError, match="not writable"):
+        with pytest.raises(OutboxError, match=exactly("The save spool is not writable.")):
             await outbox.remove([uuid.uuid4()])
         await outbox.close()
 
@@ -889,9 +907,10 @@ def test_with_every_slot_taken_saves_are_refused_with_that_reason(
         holder = Outbox(tmp_path / "outbox", 10, 10**6)
         await holder.open()
         late = Outbox(tmp_path / "outbox", 10, 10**6)
-        with pytest.raises(OutboxError, match="slots"):
+        used = exactly(f"all 1 outbox slots in {tmp_path / 'outbox'} are used")
+        with pytest.raises(OutboxError, match=used):
             await late.open()
-        with pytest.raises(OutboxError, match="slots"):
+        with pytest.raises(OutboxError, match=used):
             await late.add(record(), b"x")
         await holder.close()
         await late.open()  # the slot is free again
