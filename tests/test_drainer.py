@@ -568,6 +568,34 @@ def test_the_drainer_sleeps_while_idle_and_wakes_when_the_backoff_ends(tmp_path:
     asyncio.run(scenario())
 
 
+def test_the_schema_is_ensured_before_each_insert(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With `ensure_schema` (migrations still running at start) the drainer waits for it
+    before inserting; a drain with no failure before it logs no recovery."""
+    steps: list[str] = []
+
+    async def ensure_schema() -> None:
+        steps.append("schema")
+
+    async def scenario() -> None:
+        async with rig(tmp_path, ensure_schema=ensure_schema) as r:  # type: ignore[arg-type]
+            real_insert = r.repository.insert_many
+
+            async def insert_many(records):  # type: ignore[no-untyped-def]
+                steps.append("insert")
+                return await real_insert(records)
+
+            r.repository.insert_many = insert_many  # type: ignore[method-assign]
+            with caplog.at_level(logging.INFO, "rottenbot_inference.storage.drainer"):
+                await r.add(1)
+                await r.until(lambda: r.drainer.drained == 1)
+            assert steps == ["schema", "insert"]
+            assert caplog.messages == []
+
+    asyncio.run(scenario())
+
+
 def test_an_unexpected_error_is_logged_and_retried(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
