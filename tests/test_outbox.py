@@ -136,14 +136,22 @@ def test_outbox_adopts_items_of_slots_no_process_holds(
             await second.add(r, b"b")
         await first.close()
         await second.close()
+        # As if the second had crashed: its -wal and -shm files are still there.
+        crashed = sqlite3.connect(folder / "outbox-1.sqlite3")
+        assert crashed.execute("SELECT count(*) FROM items").fetchone()[0] == 2
+        assert (folder / "outbox-1.sqlite3-wal").exists()
+        # Not a slot's file (sorted before slot 1's): left alone, and no reason to stop.
+        (folder / "outbox-1-backup.sqlite3").write_bytes(b"an operator's copy")
 
         alone = Outbox(folder, 100, 10**6)
         with caplog.at_level(logging.INFO, "rottenbot_inference.storage"):
             await alone.open()
+        crashed.close()
         # Its own slot's items, then the adopted ones, each in the order they were saved.
         assert alone.path == folder / "outbox-0.sqlite3"
         assert [e.uid for e in alone.entries()] == [r.uid for r in a + b]
         assert [p.name for p in folder.glob("outbox-1.sqlite3*")] == []  # its -wal, -shm too
+        assert (folder / "outbox-1-backup.sqlite3").read_bytes() == b"an operator's copy"
         assert caplog.messages == [
             f"outbox: adopted 2 pending saves from {folder / 'outbox-1.sqlite3'}",
             f"outbox {alone.path}: resuming 5 pending saves",
