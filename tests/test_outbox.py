@@ -438,6 +438,42 @@ def test_an_outbox_that_cannot_open_refuses_with_the_reason_until_it_can(tmp_pat
     run(scenario())
 
 
+def test_opening_releases_the_ballast_or_names_the_volume_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start on a full volume releases the ballast and retries; a start the volume refuses
+    (read-only) refuses saves with that reason. The folder's parents are created."""
+    real_open_sync = Outbox._open_sync
+    errors: list[OSError] = []
+
+    def open_sync(self):  # type: ignore[no-untyped-def]
+        if errors:
+            raise errors.pop()
+        return real_open_sync(self)
+
+    monkeypatch.setattr(Outbox, "_open_sync", open_sync)
+
+    async def scenario() -> None:
+        folder = tmp_path / "data" / "spool" / "outbox"  # parents missing too
+        first = Outbox(folder, 10, 10**6, ballast_bytes=4096)
+        await first.open()
+        await first.close()
+        full = Outbox(folder, 10, 10**6, ballast_bytes=4096)
+        errors.append(OSError(errno.ENOSPC, "No space left on device"))
+        await full.open()
+        assert full.unavailable is None and full.budget.ballast_releases == 1
+        await full.close()
+        read_only = Outbox(folder, 10, 10**6)
+        errors.append(OSError(errno.EROFS, "Read-only file system"))
+        with pytest.raises(OSError):
+            await read_only.open()
+        with pytest.raises(OutboxVolumeError) as refused:
+            await read_only.add(record(), b"x")
+        assert refused.value.reason == "read_only" and read_only.refused == {"read_only": 1}
+
+    run(scenario())
+
+
 # --- the index ------------------------------------------------------------------------------------
 
 
