@@ -568,15 +568,17 @@ def test_spool_files_write_fsync_read_unlink_and_forget_orphans(tmp_path: Path) 
     assert (tmp_path / "images" / str(a)).stat().st_mode & 0o777 == 0o600
     assert files.unlink_many([a, uuid.uuid4(), b]) == 30  # bytes freed; missing ones are fine
     assert not files.exists(a) and not files.exists(b)
-    old, fresh, named = (tmp_path / "images" / n for n in ("old", "fresh", "named"))
-    for path in (old, fresh, named):
+    old, older, fresh, named = (tmp_path / "images" / n for n in ("old", "older", "fresh", "named"))
+    for path in (old, older, fresh, named):
         path.write_bytes(b"x")
     an_hour_ago = time.time() - 3600
-    for path in (old, named):
+    for path in (old, older, named):
         os.utime(path, (an_hour_ago, an_hour_ago))
-    remaining = {p.name for p in (tmp_path / "images").iterdir()} - {"old", "fresh", "named"}
-    assert files.remove_orphans({"named", *remaining}) == 1
-    assert not old.exists() and fresh.exists() and named.exists()
+    (tmp_path / "images" / "gone").symlink_to(tmp_path / "nowhere")  # vanishes when looked at
+    mine = {"old", "older", "fresh", "named", "gone"}
+    remaining = {p.name for p in (tmp_path / "images").iterdir()} - mine
+    assert files.remove_orphans({"named", *remaining}) == 2
+    assert not old.exists() and not older.exists() and fresh.exists() and named.exists()
     blocked = tmp_path / "images" / str(uuid.uuid4())
     blocked.mkdir()  # a folder where the file should go: that write fails, alone
     ok = uuid.uuid4()
@@ -659,7 +661,9 @@ def test_the_ballast_is_made_when_there_is_room_and_released_on_demand(
     budget = DiskBudget(tmp_path / "b", 0, 0, ballast_bytes=65536)
     assert budget.release_ballast() is False and budget.ballast_releases == 0
     assert budget.ensure_ballast() is True
+    assert budget.ballast_path == tmp_path / "b" / "ballast"  # a name the docs give
     assert budget.ballast_path.stat().st_size == 65536 and budget.ensure_ballast() is True
+    assert budget.ballast_path.stat().st_mode & 0o777 == 0o600
     assert not budget.ballast_path.with_suffix(".tmp").exists()
     with caplog.at_level(logging.WARNING):
         assert budget.release_ballast() is True
@@ -672,6 +676,20 @@ def test_the_ballast_is_made_when_there_is_room_and_released_on_demand(
     assert budget.ballast_releases == 2
     greedy = DiskBudget(tmp_path / "b", 2**62, 0, ballast_bytes=65536)
     assert greedy.ensure_ballast() is False and not greedy.ballast_present  # no room for it
+
+
+def test_a_ballast_that_cannot_be_made_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert DiskBudget(tmp_path / "missing", 0, 0, 4096).ensure_ballast() is False
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    budget = DiskBudget(tmp_path, 0, 0, ballast_bytes=4096)
+    assert budget.ensure_ballast() is False and not budget.ballast_present
+    assert list(tmp_path.iterdir()) == []  # no ballast.tmp left
 
 
 def test_with_room_retries_once_after_releasing_the_ballast(tmp_path: Path) -> None:
