@@ -344,6 +344,7 @@ def test_the_store_is_made_ready_once_before_the_first_upload(tmp_path: Path) ->
             r.drainer.start()
             await r.until(lambda: r.drainer.drained == 2)
             assert r.drainer.failures_by_reason == {"image_store_unreachable": 2}
+            assert r.drainer.last_error == "image_store_unreachable: cannot check bucket"
             await r.add(6)  # later batches do not ask again
             await r.until(lambda: r.drainer.drained == 8)
             assert len(r.store.ready_threads) == 2 and r.store.calls == 8
@@ -397,7 +398,7 @@ def test_an_outbox_that_fails_to_read_or_remove_is_retried(tmp_path: Path) -> No
     async def scenario() -> None:
         async with rig(tmp_path) as r:
             real_load, real_remove = r.outbox.load_images, r.outbox.remove
-            errors = {"load": [OSError(errno.EIO, "I/O error")], "remove": [RuntimeError("?")]}
+            errors = {"load": [OSError(errno.ENOSPC, "full")], "remove": [RuntimeError("?")]}
 
             async def load_images(uids):  # type: ignore[no-untyped-def]
                 if errors["load"]:
@@ -413,7 +414,7 @@ def test_an_outbox_that_fails_to_read_or_remove_is_retried(tmp_path: Path) -> No
             r.outbox.remove = remove  # type: ignore[method-assign]
             uids = await r.add(1)
             await r.until(lambda: r.drainer.drained == 1)
-            assert r.drainer.failures_by_reason == {"outbox_error": 2}
+            assert r.drainer.failures_by_reason == {"disk_full": 1, "outbox_error": 1}
             assert r.stored() == set(uids) and r.outbox.backlog == 0
             assert r.drainer.healthy and r.drainer.last_error == "outbox_error: ?"
 
