@@ -15,6 +15,7 @@ import os
 import random
 import re
 import sqlite3
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -530,7 +531,17 @@ def test_images_written_by_the_previous_version_inside_sqlite_are_still_read(
         outbox = Outbox(folder, 100, 10**6)
         await outbox.open()
         assert [e.uid for e in outbox.entries()] == [legacy.uid]  # not mistaken for drained
+        threads: list[str] = []
+        real_read = outbox.files.read
+
+        def read(uid: uuid.UUID) -> bytes | None:
+            threads.append(threading.current_thread().name)
+            return real_read(uid)
+
+        outbox.files.read = read  # type: ignore[method-assign]
         assert await outbox.load_images([legacy.uid]) == {legacy.uid: b"old bytes"}
+        # On the outbox's one reader thread (its SQLite connection is not shared).
+        assert len(threads) == 1 and threads[0].startswith("outbox-read")
         await outbox.remove([legacy.uid])
         await outbox.close()
         reopened = Outbox(folder, 100, 10**6)
@@ -801,8 +812,6 @@ def test_a_writer_that_dies_fails_what_is_queued_and_refuses_the_rest(
 ) -> None:
     """No request waits forever on a writer thread that is gone: the saves queued when it
     died fail (503), later ones are refused at once, removals too."""
-    import threading
-
     from rottenbot_inference.storage import outbox_writer
 
     gate = threading.Event()
@@ -841,8 +850,6 @@ def test_a_failed_group_commit_is_retried_one_add_at_a_time(
 ) -> None:
     """One add the database refuses fails alone; the others of its group commit are stored,
     and so are the removals that were in the group (at the next transaction)."""
-    import threading
-
     from rottenbot_inference.storage.outbox_writer import SpoolWriter
 
     blocker, bad = record(), record()
@@ -903,8 +910,6 @@ def test_the_free_space_check_counts_bytes_still_being_written(
 ) -> None:
     """Concurrent saves cannot overshoot the volume's reserve: each is checked against the
     free space less the image bytes accepted but not yet on disk."""
-    import threading
-
     from rottenbot_inference.storage.outbox_writer import SpoolWriter
 
     checks: list[tuple[int, int]] = []
