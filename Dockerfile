@@ -82,7 +82,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PORT=8000 \
     DATA_DIR=/var/lib/rottenbot \
     LOG_FORMAT=json \
-    MODEL_RUNTIME=onnxruntime
+    MODEL_RUNTIME=openvino
+# openvino: OpenVINO (bf16 where the CPU has it natively and the model agrees), ONNX Runtime if
+# OpenVINO fails, never the Keras fallback (no TensorFlow in the slim images).
 # An empty working directory: no stray .env file is read from it.
 WORKDIR /app
 # Model cache, durable outbox, embedded database and images: keep it on a volume.
