@@ -845,6 +845,27 @@ def test_a_writer_that_dies_fails_what_is_queued_and_refuses_the_rest(
     run(scenario())
 
 
+def test_a_row_sqlite_refuses_is_rolled_back_and_the_writer_goes_on(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        with sqlite3.connect(outbox.path) as conn:
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON items WHEN NEW.size = 13 "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        refused = record()
+        with pytest.raises(OutboxError, match="could not store"):
+            await outbox.add(refused, b"x" * 13)
+        assert not (tmp_path / "outbox" / "images" / str(refused.uid)).exists()
+        kept = record()
+        await outbox.add(kept, b"kept")  # the failed transaction was rolled back
+        assert [e.uid for e in outbox.entries()] == [kept.uid]
+        await outbox.close()
+
+    run(scenario())
+
+
 def test_a_failed_group_commit_is_retried_one_add_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
