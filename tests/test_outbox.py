@@ -353,29 +353,51 @@ def test_refusals_are_counted_by_reason_with_a_clear_message(tmp_path: Path) -> 
     run(scenario())
 
 
-def test_the_bound_is_released_by_removals_and_failed_adds(tmp_path: Path) -> None:
+def test_the_bound_is_released_by_removals_and_failed_adds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounds: 3 items, 150 bytes. What each refusal says shows the exact count and bytes."""
+
+    async def refused_by(image: bytes) -> str:
+        with pytest.raises(OutboxFull) as refused:
+            await outbox.add(record(), image)
+        return refused.value.reason
+
+    outbox = Outbox(tmp_path / "outbox", max_items=3, max_bytes=150)
+
     async def scenario() -> None:
-        outbox = Outbox(tmp_path / "outbox", max_items=2, max_bytes=100)
         await outbox.open()
         first, second = record(), record()
         await outbox.add(first, b"a" * 50)
         await outbox.add(second, b"b" * 50)
         await outbox.remove([uuid.uuid4()])  # not there: nothing happens
         assert outbox.backlog == 2
-        await outbox.remove([first.uid])
-        assert outbox.get(first.uid) is None and outbox.backlog_bytes == 50
-        await outbox.add(record(), b"c" * 50)  # the room it left is usable again
-        # A failed add gives its room back too.
+        # A failed add (its image cannot be written) gives its room back.
         images = tmp_path / "outbox" / "images"
         images.rename(tmp_path / "moved")
-        images.write_bytes(b"not a folder")  # the next image file cannot be written
-        with pytest.raises(OutboxError):
-            await outbox.add(record(), b"d")
+        images.write_bytes(b"not a folder")
+        with pytest.raises(OutboxError, match="could not store"):
+            await outbox.add(record(), b"d" * 50)
         images.unlink()
         (tmp_path / "moved").rename(images)
+        await outbox.add(record(), b"e" * 50)  # 3 items, 150 bytes
+        assert await refused_by(b"") == "items"
+        await outbox.remove([first.uid])  # 2 items, 100 bytes
+        assert outbox.get(first.uid) is None and outbox.backlog_bytes == 100
+        assert await refused_by(b"f" * 51) == "bytes"
+        await outbox.add(record(), b"g" * 50)  # the room it left is usable again
+        assert await refused_by(b"") == "items"
+        assert outbox.refused == {"items": 2, "bytes": 1, "error": 1}
+        # A write the volume refuses for lack of space says so (no ballast to release).
         await outbox.remove([second.uid])
-        await outbox.add(record(), b"e" * 50)
-        assert outbox.backlog == 2
+
+        def full(self, uid, data):  # type: ignore[no-untyped-def]
+            return OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(SpoolFiles, "_write_one", full)
+        with pytest.raises(OutboxVolumeError) as no_space:
+            await outbox.add(record(), b"h")
+        assert no_space.value.reason == "disk_full" and outbox.refused["disk_full"] == 1
         await outbox.close()
 
     run(scenario())
@@ -500,6 +522,7 @@ def test_index_properties_and_listeners(tmp_path: Path) -> None:
         snapshot = outbox.entries()
         await outbox.remove([old.uid])
         assert len(list(snapshot)) == 2  # a snapshot: safe while the outbox changes
+        assert woken == [1, 1]  # a removal wakes nobody
         free, size = outbox.volume_usage()
         stat = os.statvfs(tmp_path)
         assert size == stat.f_blocks * stat.f_frsize and 0 < free <= size
