@@ -868,6 +868,38 @@ def test_a_writer_that_dies_fails_what_is_queued_and_refuses_the_rest(
     run(scenario())
 
 
+def test_close_commits_the_saves_queued_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown while saves wait behind a commit: they are committed, then close returns."""
+    from rottenbot_inference.storage.outbox_writer import SpoolWriter
+
+    holding, gate = threading.Event(), threading.Event()
+    real_commit = SpoolWriter._commit
+
+    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
+        holding.set()
+        gate.wait(30)
+        return real_commit(self, conn, batch)
+
+    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6)
+        await outbox.open()
+        first = asyncio.ensure_future(outbox.add(record(), b"1"))
+        assert await asyncio.to_thread(holding.wait, 30)
+        queued = asyncio.ensure_future(outbox.add(record(), b"2"))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(outbox.close())
+        await asyncio.sleep(0.1)  # close has queued its stop behind the second save
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, queued, closing), 10)  # only a hang
+        assert outbox.backlog == 2
+
+    run(scenario())
+
+
 def test_a_row_sqlite_refuses_is_rolled_back_and_the_writer_goes_on(tmp_path: Path) -> None:
     async def scenario() -> None:
         outbox = Outbox(tmp_path / "outbox", 100, 10**6)
