@@ -77,6 +77,7 @@ def test_outbox_group_commits_and_survives_reopen(tmp_path: Path) -> None:
         assert 0 < outbox.oldest_age_s < 60
         await outbox.close()
 
+        assert list((tmp_path / "outbox").glob("*-wal")) == []  # every connection closed
         reopened = Outbox(tmp_path / "outbox", max_items=1000, max_bytes=10**9)
         await reopened.open()
         # In the order they were accepted (gather starts the adds in order; each queues
@@ -294,6 +295,8 @@ def test_outbox_start_drops_drained_rows_and_stray_files(
         assert [e.uid for e in reopened.entries()] == [kept.uid]
         assert (await reopened.load_images([kept.uid])) == {kept.uid: b"kept"}
         assert not stray.exists() and fresh.exists()
+        with sqlite3.connect(reopened.path) as conn:  # committed, not only left out
+            assert conn.execute("SELECT uid FROM items").fetchall() == [(str(kept.uid),)]
         assert caplog.messages == [
             "outbox: forgot 1 items drained before the last stop",
             "outbox: removed 1 image files of saves never committed",
@@ -775,7 +778,7 @@ def test_with_room_takes_an_io_error_on_an_exhausted_volume_for_lack_of_space(
 
 
 def test_removals_the_volume_refuses_are_kept_and_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A read-only volume refuses to unlink drained images: the removal still succeeds (the
     items are drained), rows and files stay, and the next transaction finishes the job."""
@@ -791,7 +794,11 @@ def test_removals_the_volume_refuses_are_kept_and_retried(
             "unlink_many",
             lambda self, uids: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")),
         )
-        await outbox.remove([drained.uid])
+        with caplog.at_level(logging.WARNING, "rottenbot_inference.storage"):
+            await outbox.remove([drained.uid])
+        assert caplog.messages == [
+            "outbox: cannot remove 1 drained items yet: [Errno 30] Read-only file system"
+        ]
         assert outbox.get(drained.uid) is None and outbox.backlog_bytes == 0
         with sqlite3.connect(outbox.path) as conn:
             assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 1
