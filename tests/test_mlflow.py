@@ -183,7 +183,10 @@ def test_wrong_uris_fail_at_once_with_the_accepted_forms(uri: str, message: str)
     assert message in str(caught.value)
 
 
-def test_which_settings_mean_mlflow(tmp_path: Path) -> None:
+def test_which_settings_mean_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # mlflow.set_tracking_uri (earlier tests log models) also sets this variable in the process.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
     def settings(**values: Any) -> Settings:
         return Settings(_env_file=None, data_dir=tmp_path, **values)  # type: ignore[arg-type]
 
