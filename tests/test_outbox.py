@@ -1068,3 +1068,29 @@ def test_with_every_slot_taken_saves_are_refused_with_that_reason(
         await late.close()
 
     run(scenario())
+
+
+def test_an_op_queued_after_the_writer_died_is_still_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window between an add's 'is the writer alive?' and its put: the writer dies there
+    and has drained its queue already, so the put itself fails what it queued."""
+    from rottenbot_inference.storage import outbox_writer
+    from rottenbot_inference.storage.outbox_disk import DiskBudget, SpoolFiles
+
+    def connect_fails(path: Path) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(outbox_writer, "connect", connect_fails)
+    settled: list[tuple[list, list]] = []
+    writer = outbox_writer.SpoolWriter(
+        tmp_path / "outbox.sqlite3", SpoolFiles(tmp_path / "images"),
+        DiskBudget(tmp_path, 0, 0, 0), lambda ops, errors: settled.append((ops, errors)),
+    )
+    writer.start()
+    writer._thread.join(30)
+    assert writer.broken and settled == []  # it died with nothing queued
+    late = outbox_writer.Remove([uuid.uuid4()], 0, None)  # type: ignore[arg-type]
+    writer.put(late)
+    ((ops, errors),) = settled
+    assert ops == [late] and isinstance(errors[0], sqlite3.OperationalError)

@@ -71,6 +71,7 @@ class SpoolWriter:
         self.settle = settle
         self.transactions = 0  # group commits done (one fsync each)
         self.broken = False  # the thread is gone: nothing more can be written
+        self._death: BaseException | None = None  # what ended the thread
         self.connection: sqlite3.Connection | None = None
         self._undeleted: list[uuid.UUID] = []  # drained, not deleted yet (the volume refused)
         self._synchronous_full: bool | None = None  # the connection's current mode
@@ -82,6 +83,8 @@ class SpoolWriter:
 
     def put(self, op: Op) -> None:
         self._queue.put(op)
+        if self.broken:  # the thread died after the caller checked: answer what it left
+            self._fail_queued(self._death or RuntimeError("the outbox writer stopped"))
 
     def stop(self) -> None:
         """Commit what is queued, then end the thread (blocking)."""
@@ -108,19 +111,25 @@ class SpoolWriter:
         except BaseException as exc:
             # Never leave a request waiting on a writer that is gone: fail it and what is queued.
             log.exception("outbox writer stopped")
-            self.broken = True
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    batch.append(item)  # type: ignore[arg-type]
-            if batch:
-                self.settle(batch, [exc] * len(batch))
+            self._death = exc
+            self.broken = True  # before the drain: a later `put` drains what it queued itself
+            self._fail_queued(exc, batch)
         finally:
             if self.connection is not None:
                 self.connection.close()
+
+    def _fail_queued(self, exc: BaseException, failed: list[Op] | None = None) -> None:
+        """Fail `failed` and everything still queued (each queued op is taken exactly once)."""
+        failed = list(failed or ())
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                failed.append(item)  # type: ignore[arg-type]
+        if failed:
+            self.settle(failed, [exc] * len(failed))
 
     def _next_batch(self) -> tuple[list[Op], bool]:
         first = self._queue.get()
