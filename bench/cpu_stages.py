@@ -124,7 +124,7 @@ def split_cpu(spent: dict[int, float], samples: dict[int, Counter]) -> Counter:
     for tid, seconds in spent.items():
         counts = samples.get(tid)
         if not counts:
-            stages["unsampled threads"] += seconds
+            stages["model (native threads)"] += seconds  # OpenVINO computes on its own
             continue
         total = sum(counts.values())
         for stage, n in counts.items():
@@ -206,7 +206,7 @@ def main() -> None:
     }
     by_thread: Counter = Counter()
     for tid, seconds in spent_by_thread.items():
-        by_thread[names.get(tid, "unsampled")] += 1000 * seconds / answered
+        by_thread[names.get(tid, "native (no Python frames)")] += 1000 * seconds / answered
     report = {
         "rate": args.rate,
         "save_fraction": args.save_fraction,
