@@ -48,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import TEST_SECRET  # noqa: E402
+from tests.helpers import TEST_SECRET, auth  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 from tests.servers_mlflow import rss_mb  # noqa: E402
 from tests.servers_storage import ServiceProcess, start_postgres, start_s3  # noqa: E402
@@ -213,7 +213,7 @@ def run_sweep(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         pid = service.process.pid
         results["model_endpoint"] = httpx.get(
             f"{url}/api/v1/inference/model", timeout=30,
-            headers={"Authorization": f"Bearer {_token()}"}).json()
+            headers=auth()).json()
         rss: dict[str, float] = {"ready": rss_mb(pid)}
         images = str(ROOT / "bench" / "images" / "*_1024x768.jpg")
         run_s = str(10 if short else args.run_s)
@@ -278,14 +278,6 @@ def run_sweep(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     finally:
         stack.close()
     return results
-
-
-def _token() -> str:
-    import uuid
-
-    from rottenbot_inference.auth.tokens import mint_token
-
-    return mint_token(TEST_SECRET, "HS256", uuid.uuid4())
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from rottenbot_inference.inference.images import ImagePreprocessor
 from rottenbot_inference.inference.loader import LocalSource, ModelSource
 from rottenbot_inference.inference.mlflow_source import MlflowSource, is_mlflow_uri
 from rottenbot_inference.inference.reloader import ModelManager
-from rottenbot_inference.inference.service import Classification
+from rottenbot_inference.inference.service import Classification, preprocessor_for
 from rottenbot_inference.inference.shadow import ShadowScorer
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.storage.comparison_log import ComparisonLog
@@ -68,12 +68,7 @@ class ChallengerSlot:
         return self._serving
 
     def install(self, bundle: ModelBundle) -> None:
-        preprocessor = ImagePreprocessor(
-            bundle.image_size,
-            max_pixels=self.settings.max_image_pixels,
-            dct_scaling=self.settings.jpeg_dct_scaling,
-        )
-        self._serving = (bundle, preprocessor)
+        self._serving = (bundle, preprocessor_for(bundle, self.settings))
 
 
 class ChallengerManager(ModelManager):

@@ -87,12 +87,7 @@ class InferenceService:
 
         Callable from any thread: a single reference assignment is the swap.
         """
-        preprocessor = ImagePreprocessor(
-            bundle.image_size,
-            max_pixels=self.settings.max_image_pixels,
-            dct_scaling=self.settings.jpeg_dct_scaling,
-        )
-        self._serving = (bundle, preprocessor)
+        self._serving = (bundle, preprocessor_for(bundle, self.settings))
         telemetry_metrics.record_model_swap(bundle.version)
 
     def start(self) -> None:
@@ -179,6 +174,15 @@ class InferenceService:
                 "batch_size": result.batch_size,
             },
         )
+
+
+def preprocessor_for(bundle: ModelBundle, settings: Settings) -> ImagePreprocessor:
+    """The image pipeline a bundle needs: its input size, the upload limits of the settings."""
+    return ImagePreprocessor(
+        bundle.image_size,
+        max_pixels=settings.max_image_pixels,
+        dct_scaling=settings.jpeg_dct_scaling,
+    )
 
 
 def _prepare(preprocessor: ImagePreprocessor, data: bytes, deadline: float) -> PreparedImage:
