@@ -20,12 +20,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.helpers import CLASS_COUNT, build_tiny_keras, class_map, free_port, stop_process
+from tests.helpers import (
+    CLASS_COUNT,
+    build_tiny_keras,
+    class_map,
+    free_port,
+    require_import,
+    stop_process,
+)
 
 
 class MlflowServer:
@@ -310,3 +318,18 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+def launched_mlflow_server(folder: Path) -> Iterator[MlflowServer]:
+    """A module fixture's body: an `mlflow server` launched now (not waited for), stopped after.
+
+    Every test that uses it needs the full mlflow package (test extra): skipped without it,
+    failed under CI=true.
+    """
+    require_import("mlflow.server", "the full mlflow package (test extra) is needed")
+    server = MlflowServer(folder)
+    server.launch()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -41,7 +41,13 @@ from tests.helpers import (
     random_photo,
     require_import,
 )
-from tests.servers_mlflow import MlflowServer, log_model, metric_value, set_alias
+from tests.servers_mlflow import (
+    MlflowServer,
+    launched_mlflow_server,
+    log_model,
+    metric_value,
+    set_alias,
+)
 from tests.servers_storage import PREDICTIONS, PostgresServer, poll
 from tests.servers_storage import postgres_fixture as postgres_fixture  # registers `postgres`
 from tests.test_overload import Server
@@ -126,13 +132,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def launched_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """Launched with the module's first test: the tests without a registry (first in the file)
     run while it starts."""
-    require_import("mlflow.server", "the full mlflow package (test extra) is needed")
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow") / "server")
-    server.launch()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from launched_mlflow_server(tmp_path_factory.mktemp("mlflow") / "server")
 
 
 @pytest.fixture(scope="module")

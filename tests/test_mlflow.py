@@ -43,13 +43,13 @@ from tests.helpers import (
     free_port,
     jpeg_bytes,
     random_photo,
-    require_import,
 )
 from tests.servers_mlflow import (
     MlflowServer,
     ServiceProcess,
     TcpProxy,
     build_keras,
+    launched_mlflow_server,
     log_model,
     metric_value,
     model_artifact_file,
@@ -91,13 +91,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """Launched with the module's first test; the tests that need no registry (first in the
     file) run while it starts. Every test of the module needs the full mlflow package (test
     extra): skipped without it, failed under CI=true."""
-    require_import("mlflow.server", "the full mlflow package (test extra) is needed")
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow") / "server")
-    server.launch()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from launched_mlflow_server(tmp_path_factory.mktemp("mlflow") / "server")
 
 
 @pytest.fixture(scope="module")
