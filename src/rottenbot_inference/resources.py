@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -40,3 +42,14 @@ def cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> int:
     if limit is not None:
         available = min(available, math.ceil(limit))
     return max(1, available)
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Raise the calling thread's niceness (Linux: per thread); e.g. a pool's initializer, so
+    explanation and shadow work yield the cores to predictions."""
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except OSError:  # not permitted (or not per-thread here): run at normal priority
+        logging.getLogger(__name__).debug("could not lower a thread's priority", exc_info=True)

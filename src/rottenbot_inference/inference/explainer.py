@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from rottenbot_inference.inference.bundle import ModelBundle
 from rottenbot_inference.inference.explain import Heatmap, occlusion_heatmap
 from rottenbot_inference.inference.images import ImagePreprocessor, PreparedImage
 from rottenbot_inference.inference.service import InferenceService
+from rottenbot_inference.resources import lower_thread_priority
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.telemetry import explain_metrics
 
@@ -76,16 +76,6 @@ class Explanation:
     yielded_ms: float  # of which: standing aside for predictions
 
 
-def _lower_priority(niceness: int) -> None:
-    """Thread initializer: raise this thread's niceness (Linux: per thread)."""
-    if niceness <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except OSError:  # not permitted (or not per-thread here): run at normal priority
-        log.debug("could not lower the explanation thread's priority", exc_info=True)
-
-
 class Explainer:
     """Admission counters (event loop) + the explanation threads; see the module docstring."""
 
@@ -98,7 +88,7 @@ class Explainer:
         self._pool = ThreadPoolExecutor(
             max_workers=self.max_concurrent,
             thread_name_prefix="explain",
-            initializer=_lower_priority,
+            initializer=lower_thread_priority,
             initargs=(settings.explain_nice,),
         )
 

@@ -31,9 +31,9 @@ import numpy as np
 
 from rottenbot_inference.inference.agreement import ComparisonRecord
 from rottenbot_inference.inference.bundle import ModelBundle
-from rottenbot_inference.inference.explainer import _lower_priority
 from rottenbot_inference.inference.images import ImagePreprocessor
 from rottenbot_inference.inference.service import Classification, InferenceService, rank
+from rottenbot_inference.resources import lower_thread_priority
 from rottenbot_inference.telemetry import shadow_metrics
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class ShadowScorer:
         shadow_metrics.record_skip(reason)
 
     def _serve(self) -> None:
-        _lower_priority(self.nice)
+        lower_thread_priority(self.nice)
         while True:
             job = self._queue.get()
             if job is _STOP:
