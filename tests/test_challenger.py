@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import json
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,10 +25,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from rottenbot_inference.app import create_app
+from rottenbot_inference.inference import shadow
 from rottenbot_inference.inference.agreement import ComparisonRecord, Summary, wilson_interval
 from rottenbot_inference.inference.images import ImagePreprocessor
+from rottenbot_inference.inference.pace import Pace
 from rottenbot_inference.inference.runtime import OnnxRuntime
-from rottenbot_inference.inference.shadow import QUEUE_SIZE
+from rottenbot_inference.inference.shadow import QUEUE_SIZE, ShadowJob, ShadowScorer
 from rottenbot_inference.settings import Settings
 from rottenbot_inference.storage.comparisons import ComparisonRepository
 from rottenbot_inference.storage.db import PredictionRepository, create_engine, migrate
@@ -217,6 +220,50 @@ def test_wilson_interval_known_values() -> None:
     assert (round(low, 4), round(high, 4)) == (0.7222, 0.8749)
     assert wilson_interval(0, 10)[0] == 0.0  # type: ignore[index]
     assert wilson_interval(0, 0) is None
+
+
+class _Pipeline:
+    """Just what ShadowScorer reads of an InferenceService: the pace and the batcher's queue."""
+
+    def __init__(self) -> None:
+        self.pace = Pace()
+        self.batcher = self  # .queued and .workers
+        self.queued = 0
+        self.workers = 1
+
+
+def _job(answered_at: float) -> ShadowJob:
+    return ShadowJob(np.zeros((2, 2, 3), np.float32), None, 0, "a", 1.0, "1", None, answered_at)
+
+
+def test_the_shadow_thread_waits_for_room_without_polling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It sleeps on the pipeline's room event: woken when the champion's last image leaves,
+    and, with no room, it gives up MAX_WAIT_S after the answer having looked only twice."""
+    pipeline = _Pipeline()
+    scorer = ShadowScorer(pipeline, lambda: None, lambda record: None, 1.0)  # type: ignore[arg-type]
+    looks = 0
+    idle = scorer.idle
+
+    def counted() -> bool:
+        nonlocal looks
+        looks += 1
+        return idle()
+
+    monkeypatch.setattr(scorer, "idle", counted)
+    monkeypatch.setattr(shadow, "MAX_WAIT_S", 0.3)
+    pipeline.pace.started()  # the champion is busy: no room
+    assert not scorer._wait_for_idle(_job(time.monotonic()))
+    assert looks == 2  # before the wait and after the timeout, nothing in between
+
+    monkeypatch.setattr(shadow, "MAX_WAIT_S", 60.0)
+    threading.Timer(0.1, pipeline.pace.finished, kwargs={"answered": True}).start()
+    looks = 0
+    assert scorer._wait_for_idle(_job(time.monotonic()))  # woken well before 60 s
+    assert looks == 2
+    pipeline.pace.started()
+    assert not scorer._wait_for_idle(_job(time.monotonic() - 61))  # too late already
 
 
 def test_no_challenger_no_cost(

@@ -234,6 +234,24 @@ def test_pace_counts_busy_time_between_answers_only() -> None:
     assert pace.active == 0
 
 
+def test_pace_room_is_set_only_while_the_pipeline_has_a_free_share() -> None:
+    pace = Pace()
+    room = pace.watch_room(2)
+    assert room.is_set()
+    pace.started()
+    assert room.is_set()  # 1 of 2
+    pace.started()
+    assert not room.is_set()  # 2 of 2: no room
+    pace.started()
+    pace.finished(answered=True)
+    assert not room.is_set()  # 2 of 2 again
+    pace.finished(answered=False)
+    assert room.is_set()  # 1 of 2
+    pace.started()
+    assert pace.watch_room(3) is room and room.is_set()  # 2 of 3
+    assert not pace.watch_room(2).is_set()  # 2 of 2
+
+
 def test_default_inflight_cap_is_what_the_batcher_holds() -> None:
     settings = Settings(_env_file=None, queue_capacity=10, max_batch_size=4)
     assert settings.effective_max_inflight == 14

@@ -10,11 +10,14 @@ average starts low and rises over the first few dozen answers, so a slow first r
 start cannot make the service shed): with micro-batching, answers come in bursts and the mean
 of the samples is what matters.
 
-Event loop only: plain attributes, no lock.
+Event loop only: plain attributes, no lock. The one exception is `room`, a `threading.Event`
+a background thread (the shadow scorer) can wait on instead of polling: it is set while fewer
+than `room_below` images are in the pipeline, and changed only when that crosses.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,15 +33,31 @@ class Pace:
         self.active = 0  # images between the start of decode and their answer
         self.interval_ms = 0.0
         self._mark = 0.0  # the later of: the last answer, the start of the busy period
+        self.room = threading.Event()  # set while active < room_below
+        self.room.set()
+        self.room_below = 1
+
+    def watch_room(self, below: int) -> threading.Event:
+        """`room`, set from now on while fewer than `below` images are in the pipeline."""
+        self.room_below = below
+        if self.active < below:
+            self.room.set()
+        else:
+            self.room.clear()
+        return self.room
 
     def started(self) -> None:
         if self.active == 0:
             self._mark = self._clock()
         self.active += 1
+        if self.active == self.room_below:
+            self.room.clear()
 
     def finished(self, answered: bool) -> None:
         """One image left the pipeline; `answered`: it was classified (failures don't count)."""
         self.active -= 1
+        if self.active == self.room_below - 1:
+            self.room.set()
         if not answered:
             return
         now = self._clock()

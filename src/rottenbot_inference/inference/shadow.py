@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 16  # shadow jobs waiting for idle capacity (each holds one decoded image)
 MAX_WAIT_S = 1.0  # a job that found no idle moment this long after its answer is skipped
-_POLL_S = 0.005  # between two looks at the champion's queue (each takes the GIL briefly)
+_RECHECK_S = 0.005  # room in the pipeline but an image still queued: look again this soon
 
 
 @dataclasses.dataclass(slots=True)
@@ -81,6 +81,7 @@ class ShadowScorer:
         self.sampled = 0  # drawn for shadow scoring (event loop)
         self.scored = 0  # run through the challenger (shadow thread)
         self.skipped: Counter[str] = Counter()
+        self._room = service.pace.watch_room(service.batcher.workers)
         self._thread = threading.Thread(target=self._serve, name="shadow", daemon=True)
 
     def start(self) -> None:
@@ -162,10 +163,16 @@ class ShadowScorer:
                 self._skip("error")
 
     def _wait_for_idle(self, job: ShadowJob) -> bool:
+        """Block until `idle` (True) or until MAX_WAIT_S after the answer (False)."""
+        give_up = job.answered_at + MAX_WAIT_S
         while not self.idle():
-            if time.monotonic() - job.answered_at > MAX_WAIT_S:
+            left = give_up - time.monotonic()
+            if left <= 0:
                 return False
-            time.sleep(_POLL_S)
+            if self._room.is_set():  # a worker's share is free; an image is still queued
+                time.sleep(min(_RECHECK_S, left))
+            else:
+                self._room.wait(left)
         return True
 
     def _score(self, job: ShadowJob) -> None:
