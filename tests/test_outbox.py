@@ -7,6 +7,7 @@ test_power_cut.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -161,6 +162,49 @@ def test_outbox_adopts_items_of_slots_no_process_holds(
         await alone.close()
 
     asyncio.run(scenario())
+
+
+def test_a_start_adopts_orphans_sorted_after_slots_live_processes_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slot a live process holds is skipped, not the end of the search: an orphan sorted
+    after it is adopted at this start all the same, and the live slots keep their items."""
+
+    async def scenario() -> None:
+        folder = tmp_path / "outbox"
+        outboxes = [Outbox(folder, 100, 10**6) for _ in range(4)]
+        for outbox in outboxes:
+            await outbox.open()
+        assert [o.path for o in outboxes] == [folder / f"outbox-{n}.sqlite3" for n in range(4)]
+        live_first, freed, live_second, crashed = outboxes
+        live_saves = [(live_first, record()), (live_second, record())]
+        for outbox, saved in live_saves:
+            await outbox.add(saved, b"live")
+        orphaned = [record() for _ in range(2)]
+        for saved in orphaned:
+            await crashed.add(saved, b"orphan")
+        await freed.close()
+        await crashed.close()
+
+        late = Outbox(folder, 100, 10**6)
+        with caplog.at_level(logging.INFO, "rottenbot_inference.storage"):
+            await late.open()
+        # Sorted: slot 0 (live), 1 (its own), 2 (live), 3 (the orphan).
+        assert late.path == folder / "outbox-1.sqlite3"
+        assert [e.uid for e in late.entries()] == [r.uid for r in orphaned]
+        assert [p.name for p in folder.glob("outbox-3.sqlite3*")] == []
+        assert caplog.messages == [
+            f"outbox: adopted 2 pending saves from {folder / 'outbox-3.sqlite3'}",
+            f"outbox {late.path}: resuming 2 pending saves",
+        ]
+        for outbox, saved in live_saves:  # not taken from the processes that hold them
+            with contextlib.closing(sqlite3.connect(outbox.path)) as conn:
+                assert conn.execute("SELECT uid FROM items").fetchall() == [(str(saved.uid),)]
+            assert [e.uid for e in outbox.entries()] == [saved.uid]
+        for outbox in (late, live_first, live_second):
+            await outbox.close()
+
+    run(scenario())
 
 
 def test_outbox_gives_the_space_of_drained_images_back(tmp_path: Path) -> None:
@@ -425,6 +469,71 @@ def test_a_failed_write_fails_only_its_save_and_the_writer_goes_on(tmp_path: Pat
         await outbox.close()
         with sqlite3.connect(outbox.path) as conn:
             assert conn.execute("SELECT uid FROM items").fetchall() == [(str(ok.uid),)]
+
+    run(scenario())
+
+
+def test_an_image_write_that_fails_fails_only_its_save_in_a_group_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a full volume concerns the whole group commit (retried once the ballast is
+    released): an image whose write fails otherwise (here its fsync, EIO) fails its own save,
+    and the other saves committed with it are acknowledged and durable."""
+    from rottenbot_inference.storage.outbox_writer import SpoolWriter
+
+    blocker, bad = record(), record()
+    good = [record(), record()]
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(str(bad.uid)):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    holding, gate = threading.Event(), threading.Event()
+    real_commit = SpoolWriter._commit
+
+    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
+        holding.set()
+        gate.wait(30)  # the writer is busy: what follows queues up into one group
+        return real_commit(self, conn, batch)
+
+    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", 100, 10**6, ballast_bytes=4096)
+        await outbox.open()
+        first = asyncio.ensure_future(outbox.add(blocker, b"x"))
+        assert await asyncio.to_thread(holding.wait, 30)  # the writer holds its commit
+        group = asyncio.gather(
+            outbox.add(good[0], b"g0"),
+            outbox.add(bad, b"bad"),
+            outbox.add(good[1], b"g1"),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0)  # all three queued behind it
+        gate.set()
+        await first
+        results = await group
+        assert results[0] is None and results[2] is None
+        assert type(results[1]) is OutboxError
+        assert str(results[1]) == "The save spool could not store the save; retry shortly."
+        assert outbox.transactions == 2  # the blocker's, then one for the group
+        assert [e.uid for e in outbox.entries()] == [blocker.uid, good[0].uid, good[1].uid]
+        assert outbox.refused == {"error": 1}
+        assert outbox.budget.ballast_present and outbox.budget.ballast_releases == 0
+        assert not (tmp_path / "outbox" / "images" / str(bad.uid)).exists()
+        await outbox.close()
+
+        reopened = Outbox(tmp_path / "outbox", 100, 10**6)
+        await reopened.open()
+        assert [e.uid for e in reopened.entries()] == [blocker.uid, good[0].uid, good[1].uid]
+        assert await reopened.load_images([r.uid for r in good]) == {
+            good[0].uid: b"g0",
+            good[1].uid: b"g1",
+        }
+        await reopened.close()
 
     run(scenario())
 
@@ -870,6 +979,48 @@ def test_a_writer_that_dies_fails_what_is_queued_and_refuses_the_rest(
         assert outbox.refused == {"error": 3} and outbox.backlog == 0
         with pytest.raises(OutboxError, match=exactly("The save spool is not writable.")):
             await outbox.remove([uuid.uuid4()])
+        await outbox.close()
+
+    run(scenario())
+
+
+def test_a_commit_that_raises_fails_its_saves_and_the_writer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit that raises (a bug: volume errors are answered per save) is logged with its
+    traceback and fails that batch's saves alone (503); the writer thread carries on."""
+    from rottenbot_inference.storage.outbox_writer import SpoolWriter
+
+    bug = RuntimeError("a bug in the commit")
+    real_commit = SpoolWriter._commit
+    bugs = [bug]
+
+    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
+        if bugs:
+            raise bugs.pop()
+        return real_commit(self, conn, batch)
+
+    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", max_items=1, max_bytes=10**6)
+        await outbox.open()
+        lost = record()
+        failed = exactly("The save spool could not store the save; retry shortly.")
+        with (
+            caplog.at_level(logging.ERROR, "rottenbot_inference.storage"),
+            pytest.raises(OutboxError, match=failed),
+        ):
+            await outbox.add(lost, b"lost")
+        assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+            ("rottenbot_inference.storage.outbox_writer", logging.ERROR, "outbox: commit failed")
+        ]
+        assert caplog.records[0].exc_info is not None and caplog.records[0].exc_info[1] is bug
+        assert outbox.refused == {"error": 1} and outbox.get(lost.uid) is None
+        assert outbox._writer is not None and not outbox._writer.broken
+        kept = record()
+        await outbox.add(kept, b"kept")  # the writer is alive and the bound was released
+        assert [e.uid for e in outbox.entries()] == [kept.uid]
         await outbox.close()
 
     run(scenario())
