@@ -473,24 +473,34 @@ def test_a_failed_write_fails_only_its_save_and_the_writer_goes_on(tmp_path: Pat
     run(scenario())
 
 
+@pytest.mark.parametrize("unlink_refused", [False, True], ids=["removed", "read-only"])
 def test_an_image_write_that_fails_fails_only_its_save_in_a_group_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    unlink_refused: bool,
 ) -> None:
     """Only a full volume concerns the whole group commit (retried once the ballast is
     released): an image whose write fails otherwise (here its fsync, EIO) fails its own save,
-    and the other saves committed with it are acknowledged and durable."""
+    and the other saves committed with it are acknowledged and durable — also when the failed
+    file cannot be removed (ext4 remounted read-only after the I/O error): it stays, warned
+    about, for a later start to remove."""
     from rottenbot_inference.storage.outbox_writer import SpoolWriter
 
     blocker, bad = record(), record()
     good = [record(), record()]
-    real_fsync = os.fsync
+    real_fsync, real_unlink = os.fsync, Path.unlink
 
     def fsync(fd: int) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").endswith(str(bad.uid)):
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if unlink_refused and path.name == str(bad.uid):
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_unlink(path, missing_ok)
+
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "unlink", unlink)
     holding, gate = threading.Event(), threading.Event()
     real_commit = SpoolWriter._commit
 
@@ -523,7 +533,12 @@ def test_an_image_write_that_fails_fails_only_its_save_in_a_group_commit(
         assert [e.uid for e in outbox.entries()] == [blocker.uid, good[0].uid, good[1].uid]
         assert outbox.refused == {"error": 1}
         assert outbox.budget.ballast_present and outbox.budget.ballast_releases == 0
-        assert not (tmp_path / "outbox" / "images" / str(bad.uid)).exists()
+        assert (tmp_path / "outbox" / "images" / str(bad.uid)).exists() is unlink_refused
+        warned = [r.getMessage() for r in caplog.records if "failed saves" in r.getMessage()]
+        assert warned == (
+            ["outbox: cannot remove the files of 1 failed saves yet: "
+             "[Errno 30] Read-only file system"] if unlink_refused else []
+        )
         await outbox.close()
 
         reopened = Outbox(tmp_path / "outbox", 100, 10**6)

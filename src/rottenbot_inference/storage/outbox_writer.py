@@ -182,12 +182,22 @@ class SpoolWriter:
                         )
                     except Exception as single:
                         results[i] = single
-        for i, op in adds:
-            if results[i] is not None:
-                self.files.unlink_many([op.entry.uid])  # never committed: no row names it
+        self._discard([op.entry.uid for i, op in adds if results[i] is not None])
         if gone:
             self.budget.ensure_ballast()
         return results
+
+    def _discard(self, uids: list[uuid.UUID]) -> None:
+        """Remove the files of adds that failed (no row names them). A volume that refuses
+        (read-only after an I/O error) must not fail the adds committed beside them: the files
+        stay, and a later start removes them as orphans."""
+        if not uids:
+            return
+        try:
+            self.files.unlink_many(uids)
+        except OSError as exc:
+            log.warning("outbox: cannot remove the files of %d failed saves yet: %s",
+                        len(uids), exc)
 
     def _unlink(self, uids: list[uuid.UUID]) -> list[uuid.UUID]:
         """Remove the image files of drained items (and of those left over earlier); the uids
