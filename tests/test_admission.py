@@ -24,6 +24,7 @@ from rottenbot_inference.api.admission import (
     AdmissionMiddleware,
     request_deadline,
 )
+from rottenbot_inference.inference.pace import Pace
 from rottenbot_inference.settings import Settings
 
 
@@ -103,10 +104,12 @@ def wrap(app: App, **values: Any) -> AdmissionMiddleware:
 
 
 def scope(path: str = PREDICT_PATH, method: str = "POST", kind: str = "http",
-          interval_ms: float | None = None) -> dict[str, Any]:
+          interval_ms: float | None = None, pace: Pace | None = None) -> dict[str, Any]:
     found: dict[str, Any] = {"type": kind, "path": path, "method": method}
     if interval_ms is not None:
-        service = SimpleNamespace(pace=SimpleNamespace(interval_ms=interval_ms))
+        pace = pace or Pace()
+        pace.interval_ms = interval_ms
+        service = SimpleNamespace(pace=pace)
         found["app"] = SimpleNamespace(state=SimpleNamespace(rottenbot=SimpleNamespace(
             service=service)))
     return found
@@ -204,9 +207,12 @@ def test_the_wait_estimate_uses_the_services_pace(monkeypatch: pytest.MonkeyPatc
     app = App()
     middleware = wrap(app, max_inflight_requests=100, max_queue_wait_ms=100, max_batch_size=1)
     middleware.controller.inflight = 2
-    assert call(middleware, scope(interval_ms=50))[0]["status"] == 200  # 100 ms: admitted
-    assert call(middleware, scope(interval_ms=51))[0]["status"] == 503  # 102 ms: refused
+    pace = Pace(clock=lambda: 7.0)
+    assert call(middleware, scope(interval_ms=50, pace=pace))[0]["status"] == 200  # 100 ms
+    assert pace.shed_at == float("-inf")  # admitted: not shedding
+    assert call(middleware, scope(interval_ms=51, pace=pace))[0]["status"] == 503  # 102 ms
     assert reasons == ["queue_wait"]
+    assert pace.shed_at == 7.0  # the refusal is noted where shadow work looks
     strict = wrap(App(), max_inflight_requests=100, max_queue_wait_ms=1, max_batch_size=1)
     strict.controller.inflight = 50
     assert call(strict, scope())[0]["status"] == 200  # no app state: nothing measured (0 ms)

@@ -254,16 +254,21 @@ def test_the_shadow_thread_waits_for_room_without_polling(
     monkeypatch.setattr(scorer, "idle", counted)
     monkeypatch.setattr(shadow, "MAX_WAIT_S", 0.3)
     pipeline.pace.started()  # the champion is busy: no room
-    assert not scorer._wait_for_idle(_job(time.monotonic()))
+    assert scorer._wait_for_idle(_job(time.monotonic())) == "busy"
     assert looks == 2  # before the wait and after the timeout, nothing in between
 
     monkeypatch.setattr(shadow, "MAX_WAIT_S", 60.0)
     threading.Timer(0.1, pipeline.pace.finished, kwargs={"answered": True}).start()
     looks = 0
-    assert scorer._wait_for_idle(_job(time.monotonic()))  # woken well before 60 s
+    assert scorer._wait_for_idle(_job(time.monotonic())) is None  # woken well before 60 s
     assert looks == 2
     pipeline.pace.started()
-    assert not scorer._wait_for_idle(_job(time.monotonic() - 61))  # too late already
+    assert scorer._wait_for_idle(_job(time.monotonic() - 61)) == "busy"  # too late already
+    pipeline.pace.finished(answered=True)
+    pipeline.pace.shed()  # a request refused at admission: skipped at once, room or not
+    assert scorer._wait_for_idle(_job(time.monotonic())) == "shedding"
+    monkeypatch.setattr(pipeline.pace, "shed_at", time.monotonic() - shadow.SHED_QUIET_S - 1)
+    assert scorer._wait_for_idle(_job(time.monotonic())) is None  # a second later: idle again
 
 
 def test_no_challenger_no_cost(
@@ -426,13 +431,13 @@ def test_overload_drops_shadow_work_first_and_the_champion_answers_all(
     # Shadow work went first: hardly any ran while the champion had work queued.
     assert scored_under_load <= 0.1 * sampled, (scored_under_load, sampled, scorer.skipped)
     poll(lambda: scorer.scored + sum(scorer.skipped.values()) == sampled, 30, "shadow drain")
-    skipped = scorer.skipped["busy"] + scorer.skipped["queue_full"]
+    skipped = sum(scorer.skipped[reason] for reason in ("busy", "shedding", "queue_full"))
     # At most what waited in the queue (and the one in hand) when the load stopped ran after.
     assert skipped >= sampled - (QUEUE_SIZE + 1) - scored_under_load, scorer.skipped
     text = overloaded.metrics()
     counted = sum(
         metric_value(text, "inference_shadow_skipped_total", reason=reason) or 0
-        for reason in ("busy", "queue_full")
+        for reason in ("busy", "shedding", "queue_full")
     )
     assert counted >= skipped
 

@@ -101,6 +101,8 @@ class AdmissionMiddleware:
         reason = controller.refusal(interval_ms)
         if reason is not None:
             record_rejection(reason)
+            if state is not None:
+                state.service.pace.shed()  # no idle capacity now (shadow work stands aside)
             # Fresh messages (the header list too): a layer may rewrite them in place.
             start = {**self._refusal_start, "headers": list(self._refusal_start["headers"])}
             await send(start)

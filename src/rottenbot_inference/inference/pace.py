@@ -12,7 +12,8 @@ of the samples is what matters.
 
 Event loop only: plain attributes, no lock. The one exception is `room`, a `threading.Event`
 a background thread (the shadow scorer) can wait on instead of polling: it is set while fewer
-than `room_below` images are in the pipeline, and changed only when that crosses.
+than `room_below` images are in the pipeline, and changed only when that crosses; and
+`shed_at`, a float other threads read (the time of the last refusal at admission).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class Pace:
         self.room = threading.Event()  # set while active < room_below
         self.room.set()
         self.room_below = 1
+        self.shed_at = float("-inf")  # clock() of the last request refused at admission
+
+    def shed(self) -> None:
+        """(Admission) a request was refused: the service is over its capacity."""
+        self.shed_at = self._clock()
 
     def watch_room(self, below: int) -> threading.Event:
         """`room`, set from now on while fewer than `below` images are in the pipeline."""

@@ -8,9 +8,11 @@ response path, on idle capacity only.
   only while the champion has nothing queued and at least one inference worker's worth of
   the pipeline is free (`idle`); it waits for such a moment at most MAX_WAIT_S, then skips
   (`busy`). Under load shadow work is therefore dropped first, and what does run yields the
-  CPU to the champion's threads (nice 19 against 0).
-- Skips are counted by reason (`busy`, `queue_full`, `same_version` (both models serve the
-  same version: nothing to compare), `not_loaded` (the challenger is not loaded yet or was
+  CPU to the champion's threads (nice 19 against 0). While the service sheds load (a request
+  was refused at admission within SHED_QUIET_S), there is no idle capacity by definition:
+  jobs are skipped at once (`shedding`), even in the gaps between the champion's bursts.
+- Skips are counted by reason (`busy`, `shedding`, `queue_full`, `same_version` (both models
+  serve the same version: nothing to compare), `not_loaded` (the challenger is not loaded yet or was
   refused), `error`).
 """
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 16  # shadow jobs waiting for idle capacity (each holds one decoded image)
 MAX_WAIT_S = 1.0  # a job that found no idle moment this long after its answer is skipped
+SHED_QUIET_S = 1.0  # no shadow work this long after a request was refused at admission
 _RECHECK_S = 0.005  # room in the pipeline but an image still queued: look again this soon
 
 
@@ -153,8 +156,9 @@ class ShadowScorer:
             if job is _STOP:
                 return
             assert isinstance(job, ShadowJob)
-            if not self._wait_for_idle(job):
-                self._skip("busy")
+            verdict = self._wait_for_idle(job)
+            if verdict is not None:
+                self._skip(verdict)
                 continue
             try:
                 self._score(job)
@@ -162,18 +166,26 @@ class ShadowScorer:
                 log.warning("the challenger failed on a shadowed image", exc_info=True)
                 self._skip("error")
 
-    def _wait_for_idle(self, job: ShadowJob) -> bool:
-        """Block until `idle` (True) or until MAX_WAIT_S after the answer (False)."""
+    def shedding(self) -> bool:
+        """A request was refused at admission less than SHED_QUIET_S ago."""
+        return time.monotonic() - self.service.pace.shed_at < SHED_QUIET_S
+
+    def _wait_for_idle(self, job: ShadowJob) -> str | None:
+        """Block until `idle` (None: score it now) or until a reason to skip it: `shedding`
+        (at once) or `busy` (no idle moment until MAX_WAIT_S after the answer)."""
         give_up = job.answered_at + MAX_WAIT_S
-        while not self.idle():
+        while True:
+            if self.shedding():
+                return "shedding"
+            if self.idle():
+                return None
             left = give_up - time.monotonic()
             if left <= 0:
-                return False
+                return "busy"
             if self._room.is_set():  # a worker's share is free; an image is still queued
                 time.sleep(min(_RECHECK_S, left))
             else:
                 self._room.wait(left)
-        return True
 
     def _score(self, job: ShadowJob) -> None:
         serving = self.serving()

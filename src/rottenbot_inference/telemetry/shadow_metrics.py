@@ -6,7 +6,7 @@
 - `inference_challenger_duration_milliseconds{challenger_version}`: the challenger's model run
   for one shadowed image;
 - `inference_shadow_skipped_total{reason}`: sampled predictions the challenger never scored
-  (busy, queue_full, same_version, not_loaded, error);
+  (busy, shedding, queue_full, same_version, not_loaded, error);
 - `inference_challenger_loads_total{outcome}`, `inference_challenger_reloads_total{trigger,
   outcome}`: the challenger's own model loads and reload checks (the champion's are counted in
   `inference_model_loads_total` / `inference_model_reloads_total`).
@@ -22,7 +22,7 @@ from rottenbot_inference.telemetry import metrics as service_metrics
 
 _meter = metrics.get_meter("rottenbot_inference")
 
-SKIP_REASONS = ("busy", "queue_full", "same_version", "not_loaded", "error")
+SKIP_REASONS = ("busy", "shedding", "queue_full", "same_version", "not_loaded", "error")
 
 comparisons = _meter.create_counter(
     "inference_shadow_comparisons_total",
@@ -40,7 +40,8 @@ skipped = _meter.create_counter(
     "inference_shadow_skipped_total",
     unit="1",
     description="Sampled predictions the challenger did not score, by reason (busy: the "
-    "champion had work queued; queue_full; same_version; not_loaded; error)",
+    "champion had work queued; shedding: requests were refused at admission; "
+    "queue_full; same_version; not_loaded; error)",
 )
 challenger_loads = _meter.create_counter(
     "inference_challenger_loads_total",
