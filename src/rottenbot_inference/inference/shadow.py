@@ -4,16 +4,17 @@ response path, on idle capacity only.
 - `offer` (event loop, after the champion's answer is known) draws SHADOW_FRACTION of the
   predictions and puts them on a small bounded queue (the image's model input, already
   decoded); it never waits. A full queue skips the prediction (`queue_full`).
-- One shadow thread, lowered to SHADOW_NICE, takes them one at a time. It runs the challenger
-  only while the champion has nothing queued and at least one inference worker's worth of
-  the pipeline is free (`idle`); it waits for such a moment at most MAX_WAIT_S, then skips
-  (`busy`). Under load shadow work is therefore dropped first, and what does run yields the
-  CPU to the champion's threads (nice 19 against 0). While the service sheds load (a request
+- One shadow thread, lowered to SHADOW_NICE and the SCHED_IDLE class, takes them one at a
+  time. It runs the challenger only while the champion's pipeline is empty (`idle`: no image
+  being decoded, queued or computed); it waits for such a moment at most MAX_WAIT_S, then
+  skips (`busy`). Under load shadow work is therefore dropped first, and what does run yields
+  the CPU to the champion's threads at once (SCHED_IDLE runs only on a core nothing else
+  wants). While the service sheds load (a request
   was refused at admission within SHED_QUIET_S), there is no idle capacity by definition:
   jobs are skipped at once (`shedding`), even in the gaps between the champion's bursts.
 - Skips are counted by reason (`busy`, `shedding`, `queue_full`, `same_version` (both models
-  serve the same version: nothing to compare), `not_loaded` (the challenger is not loaded yet or was
-  refused), `error`).
+  serve the same version: nothing to compare), `not_loaded` (the challenger is not loaded yet
+  or was refused), `error`).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class ShadowScorer:
         self.sampled = 0  # drawn for shadow scoring (event loop)
         self.scored = 0  # run through the challenger (shadow thread)
         self.skipped: Counter[str] = Counter()
-        self._room = service.pace.watch_room(service.batcher.workers)
+        self._room = service.pace.watch_room(1)  # set while the pipeline is empty
         self._thread = threading.Thread(target=self._serve, name="shadow", daemon=True)
 
     def start(self) -> None:
@@ -137,10 +138,9 @@ class ShadowScorer:
             self._skip("queue_full")
 
     def idle(self) -> bool:
-        """The champion has nothing queued and an inference worker's share of the pipeline
-        is free (admitted images being decoded, queued or computed < inference workers)."""
-        batcher = self.service.batcher
-        return batcher.queued == 0 and self.service.pace.active < batcher.workers
+        """The champion's pipeline is empty: no admitted image being decoded, queued or
+        computed."""
+        return self.service.batcher.queued == 0 and self.service.pace.active == 0
 
     # -- the shadow thread ----------------------------------------------------------------
 
@@ -150,7 +150,7 @@ class ShadowScorer:
         shadow_metrics.record_skip(reason)
 
     def _serve(self) -> None:
-        lower_thread_priority(self.nice)
+        lower_thread_priority(self.nice, idle_class=True)
         while True:
             job = self._queue.get()
             if job is _STOP:
