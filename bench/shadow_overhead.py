@@ -120,7 +120,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     try:
         for name, extra in (
             ("A", {}),
-            ("B", {"CHALLENGER_URI": str(args.challenger), "SHADOW_FRACTION": str(args.fraction)}),
+            ("B", {"CHALLENGER_URI": str(args.challenger), "SHADOW_FRACTION": str(args.fraction),
+                   **({} if args.shadow_nice is None else {"SHADOW_NICE": str(args.shadow_nice)})}),
         ):
             env = {**stack.env, "DATA_DIR": str(folder / f"data-{name}"), **extra}
             services[name] = ServiceProcess(env, folder / f"service-{name}.log")
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per run")
     parser.add_argument("--fraction", type=float, default=0.1, help="SHADOW_FRACTION of B")
     parser.add_argument("--save-fraction", type=float, default=0.5)
+    parser.add_argument("--shadow-nice", type=int, help="SHADOW_NICE of B (default: the default)")
     parser.add_argument("--smoke", action="store_true", help="one 3-second round")
     parser.add_argument(
         "--rss-only", action="store_true", help="only RSS at ready and after --duration s of load"

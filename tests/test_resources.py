@@ -38,25 +38,17 @@ def test_no_cgroup_files(tmp_path: Path) -> None:
 
 
 def test_lower_thread_priority_lowers_only_the_calling_thread() -> None:
-    """Niceness and SCHED_IDLE are per thread on Linux: the shadow thread's must not reach
-    the threads that answer requests."""
-    seen: dict[str, int] = {}
-
-    def lowered(idle_class: bool) -> None:
-        lower_thread_priority(7, idle_class=idle_class)
-        tid = threading.get_native_id()
-        seen[f"nice-{idle_class}"] = os.getpriority(os.PRIO_PROCESS, tid)
-        seen[f"policy-{idle_class}"] = os.sched_getscheduler(tid)
-
-    for idle_class in (False, True):
-        thread = threading.Thread(target=lowered, args=(idle_class,))
-        thread.start()
-        thread.join()
+    """Niceness is per thread on Linux: the shadow thread's must not reach the threads that
+    answer requests, and a process started nicer than asked stays as nice as it was."""
+    seen: list[int] = []
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert seen == {  # a process started niced stays as nice as it was
-        "nice-False": max(base, 7),
-        "policy-False": os.SCHED_OTHER,
-        "nice-True": max(base, 7),
-        "policy-True": os.SCHED_IDLE,
-    }
-    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
+
+    def lowered() -> None:
+        lower_thread_priority(7)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=lowered)
+    thread.start()
+    thread.join()
+    assert seen == [max(base, 7)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # not this one

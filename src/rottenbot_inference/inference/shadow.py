@@ -4,14 +4,13 @@ response path, on idle capacity only.
 - `offer` (event loop, after the champion's answer is known) draws SHADOW_FRACTION of the
   predictions and puts them on a small bounded queue (the image's model input, already
   decoded); it never waits. A full queue skips the prediction (`queue_full`).
-- One shadow thread, lowered to SHADOW_NICE and the SCHED_IDLE class, takes them one at a
-  time. It runs the challenger only while the champion's pipeline is empty (`idle`: no image
-  being decoded, queued or computed); it waits for such a moment at most MAX_WAIT_S, then
-  skips (`busy`). Under load shadow work is therefore dropped first, and what does run yields
-  the CPU to the champion's threads at once (SCHED_IDLE runs only on a core nothing else
-  wants). While the service sheds load (a request
-  was refused at admission within SHED_QUIET_S), there is no idle capacity by definition:
-  jobs are skipped at once (`shedding`), even in the gaps between the champion's bursts.
+- One shadow thread, lowered to SHADOW_NICE, takes them one at a time. It runs the
+  challenger only while the champion's pipeline is empty (`idle`: no image being decoded,
+  queued or computed); it waits for such a moment at most MAX_WAIT_S, then skips (`busy`).
+  Under load shadow work is therefore dropped first, and what does run yields the CPU to the
+  champion's threads (nice 19 against 0). While the service sheds load (a request was refused
+  at admission within SHED_QUIET_S), there is no idle capacity by definition: jobs are
+  skipped at once (`shedding`), even in the gaps between the champion's bursts.
 - Skips are counted by reason (`busy`, `shedding`, `queue_full`, `same_version` (both models
   serve the same version: nothing to compare), `not_loaded` (the challenger is not loaded yet
   or was refused), `error`).
@@ -150,7 +149,7 @@ class ShadowScorer:
         shadow_metrics.record_skip(reason)
 
     def _serve(self) -> None:
-        lower_thread_priority(self.nice, idle_class=True)
+        lower_thread_priority(self.nice)
         while True:
             job = self._queue.get()
             if job is _STOP:
