@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import threading
 import time
 import uuid
@@ -251,6 +252,12 @@ def test_the_shadow_thread_waits_for_room_without_polling(
         looks += 1
         return idle()
 
+    # Only the challenger's computation is niced; the waiting thread asks for the GIL often.
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    compute_nice = scorer._compute.submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ).result()
+    assert compute_nice == max(base, scorer.nice) == max(base, 19)
     monkeypatch.setattr(scorer, "idle", counted)
     monkeypatch.setattr(shadow, "MAX_WAIT_S", 0.3)
     pipeline.pace.started()  # the champion is busy: no room

@@ -4,13 +4,17 @@ response path, on idle capacity only.
 - `offer` (event loop, after the champion's answer is known) draws SHADOW_FRACTION of the
   predictions and puts them on a small bounded queue (the image's model input, already
   decoded); it never waits. A full queue skips the prediction (`queue_full`).
-- One shadow thread, lowered to SHADOW_NICE, takes them one at a time. It runs the
-  challenger only while the champion's pipeline is empty (`idle`: no image being decoded,
-  queued or computed); it waits for such a moment at most MAX_WAIT_S, then skips (`busy`).
-  Under load shadow work is therefore dropped first, and what does run yields the CPU to the
-  champion's threads (nice 19 against 0). While the service sheds load (a request was refused
-  at admission within SHED_QUIET_S), there is no idle capacity by definition: jobs are
-  skipped at once (`shedding`), even in the gaps between the champion's bursts.
+- One shadow thread takes them one at a time. It runs the challenger only while the
+  champion's pipeline is empty (`idle`: no image being decoded, queued or computed); it waits
+  for such a moment at most MAX_WAIT_S, then skips (`busy`). Under load shadow work is
+  therefore dropped first. The challenger itself computes on a second thread, lowered to
+  SHADOW_NICE, so it yields the CPU to the champion's threads (nice 19 against 0). The waiting
+  thread stays at normal priority: a niced thread that asks for the GIL makes the thread
+  handing it over wait until the niced one gets a core (CPython's forced switch), a stall of
+  the event loop each time; the niced compute thread asks twice per scored image only.
+  While the service sheds load (a request was refused at admission within SHED_QUIET_S),
+  there is no idle capacity by definition: jobs are skipped at once (`shedding`), even in
+  the gaps between the champion's bursts.
 - Skips are counted by reason (`busy`, `shedding`, `queue_full`, `same_version` (both models
   serve the same version: nothing to compare), `not_loaded` (the challenger is not loaded yet
   or was refused), `error`).
@@ -28,6 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -86,6 +91,9 @@ class ShadowScorer:
         self.skipped: Counter[str] = Counter()
         self._room = service.pace.watch_room(1)  # set while the pipeline is empty
         self._thread = threading.Thread(target=self._serve, name="shadow", daemon=True)
+        self._compute = ThreadPoolExecutor(
+            1, "shadow-compute", initializer=lower_thread_priority, initargs=(nice,)
+        )
 
     def start(self) -> None:
         shadow_metrics.start()
@@ -101,6 +109,7 @@ class ShadowScorer:
         self._queue.put(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        self._compute.shutdown(wait=False)
 
     # -- the event loop -------------------------------------------------------------------
 
@@ -149,7 +158,6 @@ class ShadowScorer:
         shadow_metrics.record_skip(reason)
 
     def _serve(self) -> None:
-        lower_thread_priority(self.nice)
         while True:
             job = self._queue.get()
             if job is _STOP:
@@ -202,9 +210,7 @@ class ShadowScorer:
             pixels = preprocessor.prepare(job.data).pixels
         else:
             pixels = job.pixels
-        started = time.perf_counter()
-        probabilities = bundle.predict(pixels[np.newaxis])[0]
-        challenger_ms = (time.perf_counter() - started) * 1000
+        probabilities, challenger_ms = self._compute.submit(_timed, bundle, pixels).result()
         best = rank(probabilities, bundle.class_names, 1)[0]
         record = ComparisonRecord(
             uid=uuid.uuid4(),
@@ -226,3 +232,10 @@ class ShadowScorer:
         shadow_metrics.record_comparison(
             job.champion_version, bundle.version, record.agreed, challenger_ms
         )
+
+
+def _timed(bundle: ModelBundle, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    """(The niced compute thread) the challenger's probabilities and its run time in ms."""
+    started = time.perf_counter()
+    probabilities = bundle.predict(pixels[np.newaxis])[0]
+    return probabilities, (time.perf_counter() - started) * 1000
