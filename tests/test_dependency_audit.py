@@ -9,6 +9,7 @@ tests after the first check those tables and that rule offline.
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 from pathlib import Path
@@ -62,21 +63,46 @@ def test_the_audit_fails_when_unaudited_packages_go_beyond_the_documented_set(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     audit_deps = _audit_deps()
+    today = dt.date(2026, 12, 2)
+    old = today - dt.timedelta(days=audit_deps.GRACE_DAYS + 1)
     allowed = sorted(audit_deps.MAY_GO_UNAUDITED["test.txt"])[0]
-    listed = f"{allowed} 1.0 (newest 2.0)"
+    listed = audit_deps.Unaudited(allowed, "1.0", "2.0", old)
     monkeypatch.setattr(audit_deps, "audit", lambda path: ([], [listed], 100))
-    assert audit_deps.main(["requirements/test.txt"]) == 0
+    assert audit_deps.main(["requirements/test.txt"], today) == 0
     assert "NOT AUDITED" not in capsys.readouterr().out
 
-    grown = [listed, "left-pad 1.0 (newest 2.0)"]
+    grown = [listed, audit_deps.Unaudited("left-pad", "1.0", "2.0", old)]
     monkeypatch.setattr(audit_deps, "audit", lambda path: ([], grown, 100))
-    assert audit_deps.main(["requirements/test.txt"]) == 1
+    assert audit_deps.main(["requirements/test.txt"], today) == 1
     out = capsys.readouterr().out
-    assert "NOT AUDITED and not in MAY_GO_UNAUDITED: left-pad 1.0" in out
+    assert f"NOT AUDITED and not in MAY_GO_UNAUDITED: left-pad 1.0 (newest 2.0 of {old})" in out
     assert f"MAY_GO_UNAUDITED: {allowed}" not in out
     # Per lock file: what test.txt may leave unaudited, runtime.txt may not (unless listed).
     only_test = sorted(
         audit_deps.MAY_GO_UNAUDITED["test.txt"] - audit_deps.MAY_GO_UNAUDITED["runtime.txt"]
     )[0]
-    monkeypatch.setattr(audit_deps, "audit", lambda path: ([], [f"{only_test} 1 (newest 2)"], 9))
-    assert audit_deps.main(["requirements/runtime.txt"]) == 1
+    outside = [audit_deps.Unaudited(only_test, "1", "2", old)]
+    monkeypatch.setattr(audit_deps, "audit", lambda path: ([], outside, 9))
+    assert audit_deps.main(["requirements/runtime.txt"], today) == 1
+
+
+def test_a_newer_release_is_due_for_a_bump_first_and_fails_after_the_grace_days(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audit_deps = _audit_deps()
+    today = dt.date(2026, 12, 2)
+    grace = audit_deps.GRACE_DAYS
+
+    def outcome(released: dt.date | None) -> tuple[int, str]:
+        entry = audit_deps.Unaudited("left-pad", "1.0", "2.0", released)
+        monkeypatch.setattr(audit_deps, "audit", lambda path: ([], [entry], 100))
+        return audit_deps.main(["requirements/test.txt"], today), capsys.readouterr().out
+
+    status, out = outcome(today - dt.timedelta(days=grace))
+    assert status == 0
+    assert f"DUE FOR A BUMP: left-pad 1.0 (newest 2.0 of {today - dt.timedelta(days=grace)})" in out
+    assert "NOT AUDITED" not in out
+    status, out = outcome(today - dt.timedelta(days=grace + 1))
+    assert status == 1 and "NOT AUDITED and not in MAY_GO_UNAUDITED: left-pad" in out
+    status, out = outcome(None)  # age unknown: no grace
+    assert status == 1 and "left-pad 1.0 (newest 2.0)" in out
