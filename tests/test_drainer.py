@@ -59,6 +59,15 @@ def test_failures_are_classified_by_cause() -> None:
         assert classify("image_store", missing) == Failure(
             "image_store_no_bucket", True, str(missing)
         )
+    # The obstore upload path: the store's error carries S3's code itself (no botocore cause).
+    for code, reason in (("AccessDenied", "image_store_denied"),
+                         ("NoSuchBucket", "image_store_no_bucket"),
+                         ("SlowDown", "image_store_unreachable"),
+                         (None, "image_store_unreachable")):
+        own = ImageStoreError("cannot upload", s3_code=code)
+        assert classify("image_store", own) == Failure(reason, code in ("AccessDenied",
+                                                                         "NoSuchBucket"),
+                                                       "cannot upload")
     no_code = ImageStoreError("cannot upload")
     no_code.response = {"ResponseMetadata": {"HTTPStatusCode": 500}}  # type: ignore[attr-defined]
     assert classify("image_store", no_code).reason == "image_store_unreachable"
