@@ -407,7 +407,11 @@ def test_an_outbox_that_fails_to_read_or_remove_is_retried(tmp_path: Path) -> No
     async def scenario() -> None:
         async with rig(tmp_path) as r:
             real_load, real_remove = r.outbox.load_images, r.outbox.remove
-            errors = {"load": [OSError(errno.ENOSPC, "full")], "remove": [RuntimeError("?")]}
+            # (popped from the end) a full volume, then an error only the outbox's stage names
+            errors = {
+                "load": [RuntimeError("unreadable"), OSError(errno.ENOSPC, "full")],
+                "remove": [RuntimeError("?")],
+            }
 
             async def load_images(uids):  # type: ignore[no-untyped-def]
                 if errors["load"]:
@@ -423,7 +427,7 @@ def test_an_outbox_that_fails_to_read_or_remove_is_retried(tmp_path: Path) -> No
             r.outbox.remove = remove  # type: ignore[method-assign]
             uids = await r.add(1)
             await r.until(lambda: r.drainer.drained == 1)
-            assert r.drainer.failures_by_reason == {"disk_full": 1, "outbox_error": 1}
+            assert r.drainer.failures_by_reason == {"disk_full": 1, "outbox_error": 2}
             assert r.stored() == set(uids) and r.outbox.backlog == 0
             assert r.drainer.healthy and r.drainer.last_error == "outbox_error: ?"
 

@@ -120,6 +120,37 @@ def test_outbox_is_bounded_by_items_and_bytes(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_pending_saves_count_against_the_bounds_after_a_restart(tmp_path: Path) -> None:
+    """Saves still pending when the process stopped take their items and bytes from the
+    bounds of the next start, exactly: one item and 100 bytes of room are left here."""
+
+    async def scenario() -> None:
+        first = Outbox(tmp_path / "outbox", max_items=3, max_bytes=1000)
+        await first.open()
+        await first.add(record(), b"x" * 400)
+        await first.add(record(), b"x" * 500)
+        await first.close()
+
+        by_items = Outbox(tmp_path / "outbox", max_items=3, max_bytes=10**6)
+        await by_items.open()
+        assert len(list(by_items.entries())) == 2
+        await by_items.add(record(), b"y")  # the third item fits
+        with pytest.raises(OutboxFull) as full:
+            await by_items.add(record(), b"y")
+        assert full.value.reason == "items"
+        await by_items.close()
+
+        by_bytes = Outbox(tmp_path / "outbox", max_items=100, max_bytes=1000)
+        await by_bytes.open()  # 400 + 500 + 1 bytes pending
+        await by_bytes.add(record(), b"z" * 99)  # exactly 1000
+        with pytest.raises(OutboxFull) as full:
+            await by_bytes.add(record(), b"z")
+        assert full.value.reason == "bytes"
+        await by_bytes.close()
+
+    asyncio.run(scenario())
+
+
 def test_outbox_adopts_items_of_slots_no_process_holds(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -332,6 +363,8 @@ def test_outbox_start_drops_drained_rows_and_stray_files(
         fresh.write_bytes(b"maybe a live writer's, about to commit")
         an_hour_ago = time.time() - 3600
         os.utime(stray, (an_hour_ago, an_hour_ago))
+        # A pending save's file is as old: kept because a row names it, not for its age.
+        os.utime(folder / "images" / str(kept.uid), (an_hour_ago, an_hour_ago))
 
         reopened = Outbox(folder, 100, 10**6)
         with caplog.at_level(logging.INFO, "rottenbot_inference.storage"):
@@ -1036,6 +1069,38 @@ def test_a_commit_that_raises_fails_its_saves_and_the_writer_goes_on(
         kept = record()
         await outbox.add(kept, b"kept")  # the writer is alive and the bound was released
         assert [e.uid for e in outbox.entries()] == [kept.uid]
+        await outbox.close()
+
+    run(scenario())
+
+
+def test_a_writer_killed_inside_a_commit_fails_the_saves_in_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something that ends the writer thread itself (not an Exception: e.g. SystemExit) while
+    it commits a batch: the saves of that batch are answered with an error, not left waiting
+    for a thread that is gone, and later saves are refused at once."""
+    from rottenbot_inference.storage.outbox_writer import SpoolWriter
+
+    class Killed(BaseException):
+        pass
+
+    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
+        raise Killed("the thread was told to end")
+
+    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+
+    async def scenario() -> None:
+        outbox = Outbox(tmp_path / "outbox", max_items=10, max_bytes=10**6)
+        await outbox.open()
+        in_hand = record()
+        # A hang would mean the save was never answered; a minute is far beyond any commit.
+        with pytest.raises(OutboxError):
+            await asyncio.wait_for(outbox.add(in_hand, b"in hand"), 60)
+        assert outbox.get(in_hand.uid) is None
+        assert outbox._writer is not None and outbox._writer.broken
+        with pytest.raises(OutboxError, match="not writable"):
+            await asyncio.wait_for(outbox.add(record(), b"later"), 60)
         await outbox.close()
 
     run(scenario())
