@@ -129,11 +129,13 @@ def test_pending_saves_count_against_the_bounds_after_a_restart(tmp_path: Path) 
         await first.open()
         await first.add(record(), b"x" * 400)
         await first.add(record(), b"x" * 500)
+        pending = [(e.uid, e.size, e.enqueued_at) for e in first.entries()]
         await first.close()
 
         by_items = Outbox(tmp_path / "outbox", max_items=3, max_bytes=10**6)
         await by_items.open()
-        assert len(list(by_items.entries())) == 2
+        # Each as it was: its size and the time it was first committed (the backlog's age).
+        assert [(e.uid, e.size, e.enqueued_at) for e in by_items.entries()] == pending
         await by_items.add(record(), b"y")  # the third item fits
         with pytest.raises(OutboxFull) as full:
             await by_items.add(record(), b"y")
