@@ -123,7 +123,8 @@ class Settings(BaseSettings):
         0.1, ge=0, le=1, description="Share of predictions also scored by the challenger"
     )
     shadow_nice: int = Field(
-        19, ge=0, le=19, description="Niceness of the shadow scoring thread (predictions win)"
+        19, ge=0, le=19,
+        description="Niceness of the thread computing the challenger's scores (predictions win)",
     )
 
     @field_validator("challenger_uri", mode="before")
