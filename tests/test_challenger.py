@@ -228,20 +228,19 @@ class _Pipeline:
 
     def __init__(self) -> None:
         self.pace = Pace()
-        self.batcher = self  # .queued and .workers
+        self.batcher = self  # .queued
         self.queued = 0
-        self.workers = 1
 
 
 def _job(answered_at: float) -> ShadowJob:
     return ShadowJob(np.zeros((2, 2, 3), np.float32), None, 0, "a", 1.0, "1", None, answered_at)
 
 
-def test_the_shadow_thread_waits_for_room_without_polling(
+def test_the_shadow_thread_waits_for_an_empty_pipeline_without_polling(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """It sleeps on the pipeline's room event: woken when the champion's last image leaves,
-    and, with no room, it gives up MAX_WAIT_S after the answer having looked only twice."""
+    """It sleeps on the pipeline's empty event: woken when the champion's last image leaves,
+    and, while it is busy, it gives up MAX_WAIT_S after the answer having looked only twice."""
     pipeline = _Pipeline()
     scorer = ShadowScorer(pipeline, lambda: None, lambda record: None, 1.0)  # type: ignore[arg-type]
     looks = 0
@@ -260,7 +259,7 @@ def test_the_shadow_thread_waits_for_room_without_polling(
     assert compute_nice == max(base, scorer.nice) == max(base, 19)
     monkeypatch.setattr(scorer, "idle", counted)
     monkeypatch.setattr(shadow, "MAX_WAIT_S", 0.3)
-    pipeline.pace.started()  # the champion is busy: no room
+    pipeline.pace.started()  # the champion is busy
     assert scorer._wait_for_idle(_job(time.monotonic())) == "busy"
     assert looks == 2  # before the wait and after the timeout, nothing in between
 
@@ -272,7 +271,7 @@ def test_the_shadow_thread_waits_for_room_without_polling(
     pipeline.pace.started()
     assert scorer._wait_for_idle(_job(time.monotonic() - 61)) == "busy"  # too late already
     pipeline.pace.finished(answered=True)
-    pipeline.pace.shed()  # a request refused at admission: skipped at once, room or not
+    pipeline.pace.shed()  # a request refused at admission: skipped at once, empty or not
     assert scorer._wait_for_idle(_job(time.monotonic())) == "shedding"
     monkeypatch.setattr(pipeline.pace, "shed_at", time.monotonic() - shadow.SHED_QUIET_S - 1)
     assert scorer._wait_for_idle(_job(time.monotonic())) is None  # a second later: idle again

@@ -234,22 +234,30 @@ def test_pace_counts_busy_time_between_answers_only() -> None:
     assert pace.active == 0
 
 
-def test_pace_room_is_set_only_while_the_pipeline_has_a_free_share() -> None:
+def test_pace_empty_is_set_only_while_no_image_is_in_the_pipeline() -> None:
     pace = Pace()
-    room = pace.watch_room(2)
-    assert room.is_set()
+    empty = pace.empty
+    assert empty.is_set()
     pace.started()
-    assert room.is_set()  # 1 of 2
-    pace.started()
-    assert not room.is_set()  # 2 of 2: no room
+    assert not empty.is_set()  # 1 in the pipeline
     pace.started()
     pace.finished(answered=True)
-    assert not room.is_set()  # 2 of 2 again
-    pace.finished(answered=False)
-    assert room.is_set()  # 1 of 2
+    assert not empty.is_set()  # 1 again
+    pace.finished(answered=False)  # a failure leaves the pipeline too
+    assert empty.is_set()
     pace.started()
-    assert pace.watch_room(3) is room and room.is_set()  # 2 of 3
-    assert not pace.watch_room(2).is_set()  # 2 of 2
+    assert not empty.is_set()
+
+
+def test_pace_shed_recently_reads_its_own_clock() -> None:
+    now = [50.0]
+    pace = Pace(clock=lambda: now[0])
+    assert not pace.shed_recently(1.0)  # never refused
+    pace.shed()
+    now[0] += 0.999
+    assert pace.shed_recently(1.0)
+    now[0] += 0.001
+    assert not pace.shed_recently(1.0)
 
 
 def test_default_inflight_cap_is_what_the_batcher_holds() -> None:

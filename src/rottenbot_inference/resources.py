@@ -48,7 +48,7 @@ def lower_thread_priority(niceness: int) -> None:
     """Raise the calling thread's niceness (Linux: per thread); e.g. a pool's initializer, so
     explanation and shadow work yield the cores to predictions.
 
-    Not SCHED_IDLE: a Python thread that low waits long for a core while it holds, or has asked
+    Not SCHED_IDLE: a thread of that class waits long for a core while it holds, or has asked
     for, the GIL, and CPython makes the thread that hands the GIL over wait until it runs (the
     shadow challenger measured 1.6-2.1x the champion's p99 at 1x capacity with it)."""
     if niceness <= 0 or not hasattr(os, "setpriority"):

@@ -10,10 +10,10 @@ average starts low and rises over the first few dozen answers, so a slow first r
 start cannot make the service shed): with micro-batching, answers come in bursts and the mean
 of the samples is what matters.
 
-Event loop only: plain attributes, no lock. The one exception is `room`, a `threading.Event`
-a background thread (the shadow scorer) can wait on instead of polling: it is set while fewer
-than `room_below` images are in the pipeline, and changed only when that crosses; and
-`shed_at`, a float other threads read (the time of the last refusal at admission).
+Event loop only: plain attributes, no lock. Two exceptions serve a background thread (the
+shadow scorer): `empty`, a `threading.Event` it can wait on instead of polling, set while no
+image is in the pipeline and changed only when that flips; and `shed_recently`, which reads
+the time of the last refusal at admission.
 """
 
 from __future__ import annotations
@@ -34,36 +34,29 @@ class Pace:
         self.active = 0  # images between the start of decode and their answer
         self.interval_ms = 0.0
         self._mark = 0.0  # the later of: the last answer, the start of the busy period
-        self.room = threading.Event()  # set while active < room_below
-        self.room.set()
-        self.room_below = 1
+        self.empty = threading.Event()  # set while active == 0
+        self.empty.set()
         self.shed_at = float("-inf")  # clock() of the last request refused at admission
 
     def shed(self) -> None:
         """(Admission) a request was refused: the service is over its capacity."""
         self.shed_at = self._clock()
 
-    def watch_room(self, below: int) -> threading.Event:
-        """`room`, set from now on while fewer than `below` images are in the pipeline."""
-        self.room_below = below
-        if self.active < below:
-            self.room.set()
-        else:
-            self.room.clear()
-        return self.room
+    def shed_recently(self, window_s: float) -> bool:
+        """(Any thread) a request was refused at admission less than `window_s` ago."""
+        return self._clock() - self.shed_at < window_s
 
     def started(self) -> None:
         if self.active == 0:
             self._mark = self._clock()
+            self.empty.clear()
         self.active += 1
-        if self.active == self.room_below:
-            self.room.clear()
 
     def finished(self, answered: bool) -> None:
         """One image left the pipeline; `answered`: it was classified (failures don't count)."""
         self.active -= 1
-        if self.active == self.room_below - 1:
-            self.room.set()
+        if self.active == 0:
+            self.empty.set()
         if not answered:
             return
         now = self._clock()

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 QUEUE_SIZE = 16  # shadow jobs waiting for idle capacity (each holds one decoded image)
 MAX_WAIT_S = 1.0  # a job that found no idle moment this long after its answer is skipped
 SHED_QUIET_S = 1.0  # no shadow work this long after a request was refused at admission
-_RECHECK_S = 0.005  # room in the pipeline but an image still queued: look again this soon
+_RECHECK_S = 0.005  # the pipeline is empty but a job is still queued: look again this soon
 
 
 @dataclasses.dataclass(slots=True)
@@ -89,7 +89,6 @@ class ShadowScorer:
         self.sampled = 0  # drawn for shadow scoring (event loop)
         self.scored = 0  # run through the challenger (shadow thread)
         self.skipped: Counter[str] = Counter()
-        self._room = service.pace.watch_room(1)  # set while the pipeline is empty
         self._thread = threading.Thread(target=self._serve, name="shadow", daemon=True)
         self._compute = ThreadPoolExecutor(
             1, "shadow-compute", initializer=lower_thread_priority, initargs=(nice,)
@@ -175,7 +174,7 @@ class ShadowScorer:
 
     def shedding(self) -> bool:
         """A request was refused at admission less than SHED_QUIET_S ago."""
-        return time.monotonic() - self.service.pace.shed_at < SHED_QUIET_S
+        return self.service.pace.shed_recently(SHED_QUIET_S)
 
     def _wait_for_idle(self, job: ShadowJob) -> str | None:
         """Block until `idle` (None: score it now) or until a reason to skip it: `shedding`
@@ -189,10 +188,11 @@ class ShadowScorer:
             left = give_up - time.monotonic()
             if left <= 0:
                 return "busy"
-            if self._room.is_set():  # a worker's share is free; an image is still queued
+            empty = self.service.pace.empty
+            if empty.is_set():  # nothing in the pipeline, yet a cancelled job is still queued
                 time.sleep(min(_RECHECK_S, left))
             else:
-                self._room.wait(left)
+                empty.wait(left)
 
     def _score(self, job: ShadowJob) -> None:
         serving = self.serving()
