@@ -62,6 +62,23 @@ def exactly(message: str) -> str:
     return f"^{re.escape(message)}$"
 
 
+def hold_commits(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """(holding, gate): each writer commit sets `holding`, then waits for `gate`, so saves
+    added meanwhile queue up behind it (into one group commit)."""
+    from rottenbot_inference.storage.outbox_writer import SpoolWriter
+
+    holding, gate = threading.Event(), threading.Event()
+    real_commit = SpoolWriter._commit
+
+    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
+        holding.set()
+        gate.wait(30)
+        return real_commit(self, conn, batch)
+
+    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+    return holding, gate
+
+
 def run(coroutine) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(coroutine)
 
@@ -518,7 +535,6 @@ def test_an_image_write_that_fails_fails_only_its_save_in_a_group_commit(
     and the other saves committed with it are acknowledged and durable — also when the failed
     file cannot be removed (ext4 remounted read-only after the I/O error): it stays, warned
     about, for a later start to remove."""
-    from rottenbot_inference.storage.outbox_writer import SpoolWriter
 
     blocker, bad = record(), record()
     good = [record(), record()]
@@ -536,15 +552,7 @@ def test_an_image_write_that_fails_fails_only_its_save_in_a_group_commit(
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(Path, "unlink", unlink)
-    holding, gate = threading.Event(), threading.Event()
-    real_commit = SpoolWriter._commit
-
-    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
-        holding.set()
-        gate.wait(30)  # the writer is busy: what follows queues up into one group
-        return real_commit(self, conn, batch)
-
-    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+    holding, gate = hold_commits(monkeypatch)  # what follows queues up into one group
 
     async def scenario() -> None:
         outbox = Outbox(tmp_path / "outbox", 100, 10**6, ballast_bytes=4096)
@@ -1112,17 +1120,8 @@ def test_close_commits_the_saves_queued_before_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A shutdown while saves wait behind a commit: they are committed, then close returns."""
-    from rottenbot_inference.storage.outbox_writer import SpoolWriter
 
-    holding, gate = threading.Event(), threading.Event()
-    real_commit = SpoolWriter._commit
-
-    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
-        holding.set()
-        gate.wait(30)
-        return real_commit(self, conn, batch)
-
-    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+    holding, gate = hold_commits(monkeypatch)  # what follows queues up into one group
 
     async def scenario() -> None:
         outbox = Outbox(tmp_path / "outbox", 100, 10**6)
@@ -1226,7 +1225,6 @@ def test_the_free_space_check_counts_bytes_still_being_written(
 ) -> None:
     """Concurrent saves cannot overshoot the volume's reserve: each is checked against the
     free space less the image bytes accepted but not yet on disk."""
-    from rottenbot_inference.storage.outbox_writer import SpoolWriter
 
     checks: list[tuple[int, int]] = []
     real_room_for = DiskBudget.room_for
@@ -1236,15 +1234,7 @@ def test_the_free_space_check_counts_bytes_still_being_written(
         return real_room_for(self, size, pending)
 
     monkeypatch.setattr(DiskBudget, "room_for", room_for)
-    holding, gate = threading.Event(), threading.Event()
-    real_commit = SpoolWriter._commit
-
-    def commit(self, conn, batch):  # type: ignore[no-untyped-def]
-        holding.set()
-        gate.wait(30)
-        return real_commit(self, conn, batch)
-
-    monkeypatch.setattr(SpoolWriter, "_commit", commit)
+    holding, gate = hold_commits(monkeypatch)  # what follows queues up into one group
 
     async def scenario() -> None:
         outbox = Outbox(tmp_path / "outbox", 100, 10**6)
